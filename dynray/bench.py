@@ -1,0 +1,173 @@
+"""Measurements: the bench JSON sections and the accuracy-vs-MACs plot.
+
+Every number in the README and the closing notes comes from here. Accuracy and MACs are
+measured on the real compacted forward pass (``forward_exits``); the threshold sweep in the
+plot uses the exact cached-output simulation (see ``dynray.evaluation``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynray.data import Split
+from dynray.errors import ConfigError
+from dynray.evaluation import ExitRecords, collect_exit_outputs, oracle, simulate
+from dynray.store import StoredModel
+from dynray.thresholds import ThresholdRule
+
+__all__ = ["CoreBenchConfig", "bench_core", "merge_section", "plot_tradeoff", "SECTIONS"]
+log = logging.getLogger(__name__)
+
+SECTIONS = ("core", "serve", "router", "moe", "nas", "security", "compress", "gan", "federated")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoreBenchConfig:
+    """How long to time things."""
+
+    batch: int = 256
+    """Large-batch size for latency and throughput."""
+    batches: int = 24
+    """Timed large batches per path (cycling over the test split)."""
+    singles: int = 300
+    """Timed batch-1 calls per path."""
+    warmup: int = 3
+    """Untimed calls before each timing loop."""
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1000.0
+    return {f"p{q}": round(float(np.percentile(ms, q)), 4) for q in (50, 95, 99)}
+
+
+def _time_calls(fn: Callable[[torch.Tensor], object], inputs: list[torch.Tensor], warmup: int) -> list[float]:
+    for x in inputs[:warmup]:
+        fn(x)
+    out = []
+    for x in inputs:
+        t0 = time.perf_counter()
+        fn(x)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _rule(stored: StoredModel) -> ThresholdRule:
+    if stored.rule is None:
+        raise ConfigError("the model has no thresholds", got=stored.info.ref, fix=f"run `dynray calibrate --model {stored.info.ref} --max-drop 0.005`")
+    return stored.rule
+
+
+@torch.inference_mode()
+def bench_core(stored: StoredModel, test: Split, *, cfg: CoreBenchConfig = CoreBenchConfig(), plot: str | Path | None = None) -> dict:
+    """The "core" section: accuracy, MACs, oracle, exit mix, latency, throughput, memory."""
+    model, rule = stored.model.eval(), _rule(stored)
+    x, y = test.images, test.labels
+    log.info("core bench: %s on %s/%s (%d samples)", stored.info.ref, test.name, test.split, len(y))
+    out = model.forward_exits(x, rule)  # the real compacted pass
+    full_logits = model.forward_full(x)
+    rec = collect_exit_outputs(model, x, y)
+    orc, orc_strict = oracle(rec), oracle(rec, unsolved="first")
+    n_exits = model.num_exits
+
+    def batches(size: int, count: int) -> list[torch.Tensor]:
+        starts = [(i * size) % max(1, len(x) - size + 1) for i in range(count)]
+        return [x[s : s + size] for s in starts]
+
+    b1 = batches(1, cfg.singles)
+    big = batches(cfg.batch, cfg.batches)
+    lat = {
+        "full": {"b1": _percentiles(_time_calls(model.forward_full, b1, cfg.warmup))},
+        "adaptive": {"b1": _percentiles(_time_calls(lambda t: model.forward_exits(t, rule), b1, cfg.warmup))},
+    }
+    t_full = _time_calls(model.forward_full, big, cfg.warmup)
+    t_adapt = _time_calls(lambda t: model.forward_exits(t, rule), big, cfg.warmup)
+    lat["full"][f"b{cfg.batch}"] = _percentiles(t_full)
+    lat["adaptive"][f"b{cfg.batch}"] = _percentiles(t_adapt)
+    n_big = sum(len(b) for b in big)
+    section = {
+        "dataset": test.name,
+        "n_test": int(len(y)),
+        "model": stored.info.ref,
+        "accuracy_full": float((full_logits.argmax(1) == y).float().mean()),
+        "accuracy_adaptive": float((out.logits.argmax(1) == y).float().mean()),
+        "accuracy_oracle": orc.accuracy,
+        "accuracy_per_exit": rec.exit_accuracy(),
+        "macs_full": int(model.mac_profile.full),
+        "macs_adaptive": float(out.macs.double().mean()),
+        "macs_oracle": orc.mean_macs,
+        "macs_oracle_strict": orc_strict.mean_macs,
+        "macs_per_exit": list(model.mac_profile.cumulative),
+        "exit_fractions": (torch.bincount(out.exit_index, minlength=n_exits).double() / len(y)).tolist(),
+        "latency_ms": lat,
+        "throughput_sps": {"full": n_big / sum(t_full), "adaptive": n_big / sum(t_adapt), "batch": cfg.batch},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "threads": torch.get_num_threads(),
+        "thresholds": rule.to_dict(),
+    }
+    section["macs_saving"] = section["macs_full"] / section["macs_adaptive"]
+    section["adaptive_vs_oracle"] = section["macs_adaptive"] / section["macs_oracle"]
+    section["throughput_gain"] = section["throughput_sps"]["adaptive"] / section["throughput_sps"]["full"]
+    if plot is not None:
+        section["plot"] = str(plot_tradeoff(rec, rule, section, plot))
+    return section
+
+
+def plot_tradeoff(rec: ExitRecords, rule: ThresholdRule, section: dict, path: str | Path, *, points: int = 60) -> Path:
+    """Accuracy vs mean MACs over a sweep of a shared threshold, with the reference points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = []
+    for t in np.linspace(0.0, 1.0, points):
+        o = simulate(rec, ThresholdRule(thresholds=(float(t),) * (rec.num_exits - 1), confidence=rule.confidence,
+                                        complexity_weight=rule.complexity_weight, feature_weights=rule.feature_weights))
+        sweep.append((o.mean_macs, o.accuracy))
+    sweep.sort()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([m / 1e6 for m, _ in sweep], [a for _, a in sweep], "-", color="tab:blue", label=f"threshold sweep ({rule.confidence})")
+    ax.scatter([section["macs_adaptive"] / 1e6], [section["accuracy_adaptive"]], color="tab:red", zorder=3, s=60, label="calibrated operating point")
+    ax.scatter([section["macs_full"] / 1e6], [section["accuracy_full"]], color="black", marker="s", zorder=3, label="full network")
+    ax.scatter([section["macs_oracle"] / 1e6], [section["accuracy_oracle"]], color="tab:green", marker="*", s=120, zorder=3, label="oracle")
+    ax.set_xscale("log")
+    ax.set_xlabel("mean MACs per sample (millions, log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{section['model']} on {section['dataset']}: {section['macs_saving']:.1f}x fewer MACs")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def merge_section(path: str | Path, section: str, data: dict) -> dict:
+    """Write or merge one section into the bench JSON file (atomic replace)."""
+    if section not in SECTIONS:
+        raise ConfigError("unknown bench section", got=section, fix=f"one of {', '.join(SECTIONS)}")
+    path = Path(path)
+    doc: dict = {}
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError("bench JSON file is not valid JSON", got=str(path), fix="delete it or pass another --json path") from e
+    doc[section] = data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, path)
+    return doc

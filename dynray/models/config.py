@@ -1,0 +1,80 @@
+"""The DynamicNet configuration: a frozen dataclass saved with the weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from dynray.errors import ConfigError
+
+__all__ = ["DynamicNetConfig", "config_to_dict", "config_from_dict"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DynamicNetConfig:
+    """A staged backbone with one exit head after every stage."""
+
+    backbone: str = "cnn"
+    """Backbone family from the backbone registry: "cnn" (images) or "mlp" (flat inputs)."""
+    input_shape: tuple[int, ...] = (1, 28, 28)
+    """Input shape without the batch axis: (C, H, W) for images, or (D,) for the MLP."""
+    num_classes: int = 10
+    """Number of output classes of every exit."""
+    widths: tuple[int, ...] = (16, 32, 64)
+    """Per stage: conv channels (cnn) or hidden units (mlp). One stage and one exit per entry."""
+    layers: tuple[int, ...] = (1, 1, 2)
+    """Per stage: number of conv (or linear) layers."""
+    kernel_size: int = 3
+    """Convolution kernel size (cnn only); padding keeps the spatial size."""
+    stem_kernel: int = 5
+    """Kernel size of the first convolution (cnn only)."""
+    stem_stride: int = 2
+    """Stride of the first convolution (cnn only). A strided stem replaces stage 1's max-pool, so the
+    cheapest exit never touches a full-resolution activation map (it is memory-bound on CPU)."""
+    exit_pool: int = 7
+    """Early exit heads average-pool the feature map to at most exit_pool x exit_pool (cnn only)."""
+    exit_hidden: int = 64
+    """Hidden units of the early exit heads' MLP; 0 makes them a single linear layer."""
+    dropout: float = 0.0
+    """Dropout before each exit head's last linear layer (training only)."""
+
+    def __post_init__(self) -> None:
+        if len(self.widths) < 2:
+            raise ConfigError("a DynamicNet needs at least 2 stages", got=self.widths, fix="give widths=(16, 32, 64)")
+        if len(self.layers) != len(self.widths):
+            raise ConfigError(
+                "layers must have one entry per stage",
+                got={"widths": self.widths, "layers": self.layers},
+                fix=f"give {len(self.widths)} layer counts",
+            )
+        if min(self.widths) < 1 or min(self.layers) < 1:
+            raise ConfigError("widths and layers must be positive", got=(self.widths, self.layers), fix="use values >= 1")
+        if self.num_classes < 2:
+            raise ConfigError("num_classes must be at least 2", got=self.num_classes, fix="set the dataset's class count")
+        if self.backbone == "cnn" and len(self.input_shape) != 3:
+            raise ConfigError("the cnn backbone needs input_shape (C, H, W)", got=self.input_shape, fix="use backbone='mlp' for flat inputs")
+        if self.stem_stride not in (1, 2) or self.stem_kernel < 1 or self.stem_kernel % 2 == 0:
+            raise ConfigError("stem_stride must be 1 or 2 and stem_kernel odd", got=(self.stem_stride, self.stem_kernel), fix="use stem_kernel=5, stem_stride=2")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError("kernel_size must be odd and positive", got=self.kernel_size, fix="use 3 or 5")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout must be in [0, 1)", got=self.dropout, fix="use e.g. 0.1")
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.widths)
+
+
+def config_to_dict(cfg: DynamicNetConfig) -> dict[str, Any]:
+    """JSON-ready dict (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def config_from_dict(d: dict[str, Any]) -> DynamicNetConfig:
+    """Inverse of :func:`config_to_dict`; unknown keys are refused with the valid ones."""
+    names = {f.name for f in dataclasses.fields(DynamicNetConfig)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError("unknown DynamicNetConfig fields", got=sorted(unknown), fix=f"valid fields: {sorted(names)}")
+    return DynamicNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

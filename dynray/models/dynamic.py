@@ -1,0 +1,143 @@
+"""DynamicNet: a staged backbone with an exit head after every stage.
+
+Inference walks the stages with **batch compaction**: after each exit the stop rule picks
+the samples that are done, their logits are written out, and only the remaining samples
+enter the next stage, so the compute really shrinks with the number of easy inputs.
+
+Shape legend: B batch, b running (compacted) batch, C classes, F complexity features,
+K exits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from dynray.complexity import ComplexityFeatures
+from dynray.errors import InputValidationError
+from dynray.models.backbones import make_backbone
+from dynray.models.config import DynamicNetConfig
+from dynray.models.macs import MacProfile, module_macs
+
+__all__ = ["DynamicNet", "ExitOutput", "StopRule", "StopAtExit"]
+
+
+class StopRule(Protocol):
+    """Decides, per sample, whether to leave at exit ``k``.
+
+    logits: [b, C] of the running samples at exit k; complexity: [b, F] normalised
+    features of the same samples. Returns a bool mask [b]. The last exit always stops.
+    """
+
+    def stop(self, k: int, logits: torch.Tensor, complexity: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class StopAtExit:
+    """Stop rule that sends every sample to a fixed exit (``-1`` = the last one)."""
+
+    exit: int = -1
+
+    def stop(self, k: int, logits: torch.Tensor, complexity: torch.Tensor) -> torch.Tensor:
+        return torch.full((logits.shape[0],), k == self.exit, dtype=torch.bool)
+
+
+@dataclass(frozen=True)
+class ExitOutput:
+    """Result of one adaptive forward pass."""
+
+    logits: torch.Tensor  # [B, C] logits of the exit each sample left at
+    exit_index: torch.Tensor  # [B] int64, 0-based exit each sample left at
+    macs: torch.Tensor  # [B] int64 MACs spent on each sample
+    stage_batch: tuple[int, ...]  # samples that entered each stage (compaction trace)
+
+
+class DynamicNet(nn.Module):
+    """Early-exit network built from a :class:`DynamicNetConfig`."""
+
+    def __init__(self, cfg: DynamicNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.stages, self.exits = make_backbone(cfg)
+        self.complexity = ComplexityFeatures()
+        self.mac_profile = self._profile_macs()
+        self.register_buffer("_cum_macs", torch.tensor(self.mac_profile.cumulative, dtype=torch.int64), persistent=False)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.stages)
+
+    def _profile_macs(self) -> MacProfile:
+        was_training = self.training
+        self.eval()
+        h = torch.zeros(1, *self.cfg.input_shape)
+        stage, exit_ = [], []
+        for s, e in zip(self.stages, self.exits, strict=True):
+            m, h = module_macs(s, h)
+            stage.append(m)
+            exit_.append(module_macs(e, h)[0])
+        self.train(was_training)
+        return MacProfile(stage=tuple(stage), exit=tuple(exit_))
+
+    def validate_input(self, x: object) -> torch.Tensor:
+        """Refuse inputs the model cannot answer for, with a message that names the fix."""
+        want = tuple(self.cfg.input_shape)
+        if not isinstance(x, torch.Tensor):
+            raise InputValidationError("input must be a torch.Tensor", got=type(x).__name__, fix=f"pass a float32 tensor [B, {', '.join(map(str, want))}]")
+        if not x.is_floating_point():
+            raise InputValidationError("input must be floating point in [0, 1]", got=str(x.dtype), fix="convert with x.float() / 255")
+        if x.dim() != len(want) + 1 or tuple(x.shape[1:]) != want or x.shape[0] == 0:
+            raise InputValidationError("wrong input shape", got=tuple(x.shape), fix=f"pass [B, {', '.join(map(str, want))}] with B >= 1")
+        if not torch.isfinite(x).all():
+            raise InputValidationError("input contains NaN or Inf", got=int((~torch.isfinite(x)).sum()), fix="clean or drop the non-finite samples")
+        return x.float()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Training/analysis path: logits of every exit for every sample, K x [B, C]."""
+        out = []
+        h = x
+        for stage, head in zip(self.stages, self.exits, strict=True):
+            h = stage(h)
+            out.append(head(h))
+        return out
+
+    @torch.no_grad()
+    def forward_exits(self, x: torch.Tensor, stop_rule: StopRule) -> ExitOutput:
+        """Adaptive inference with batch compaction. x: [B, *input_shape] in [0, 1]."""
+        x = self.validate_input(x)
+        n = x.shape[0]
+        logits_out = x.new_empty(n, self.cfg.num_classes)  # [B, C]
+        exit_out = torch.full((n,), self.num_exits - 1, dtype=torch.int64)  # [B]
+        b_idx = torch.arange(n)  # [b] original positions of the running samples
+        b_cx = self.complexity(x)  # [b, F]
+        h = x
+        seen: list[int] = []
+        last = self.num_exits - 1
+        for k, (stage, head) in enumerate(zip(self.stages, self.exits, strict=True)):
+            seen.append(h.shape[0])
+            h = stage(h)
+            b_logits = head(h)  # [b, C]
+            if k == last:
+                logits_out[b_idx] = b_logits
+                break
+            stop = stop_rule.stop(k, b_logits, b_cx)  # [b] bool
+            if stop.any():
+                logits_out[b_idx[stop]] = b_logits[stop]
+                exit_out[b_idx[stop]] = k
+                keep = ~stop
+                if not keep.any():
+                    break
+                # compaction: only the samples still running enter stage k+1
+                b_idx, h, b_cx = b_idx[keep], h[keep], b_cx[keep]
+        return ExitOutput(logits=logits_out, exit_index=exit_out, macs=self._cum_macs[exit_out], stage_batch=tuple(seen))
+
+    @torch.no_grad()
+    def forward_full(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain network: every stage, only the last exit head. x: [B, ...] -> [B, C]."""
+        h = self.validate_input(x)
+        for stage in self.stages:
+            h = stage(h)
+        return self.exits[-1](h)

@@ -1,0 +1,99 @@
+"""The main job's steps as library calls: train, calibrate, benchmark.
+
+Jobs and the CLI call these; each one reads from and writes to the model registry, so the
+steps can run in separate processes (or separate Ray jobs) one after another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from dynray.bench import CoreBenchConfig, bench_core, merge_section
+from dynray.data import load_dataset
+from dynray.evaluation import collect_exit_outputs, simulate
+from dynray.store import load_model, save_model
+from dynray.models.config import config_to_dict
+from dynray.registry import ModelInfo, ModelRegistry
+from dynray.thresholds import CalibrationResult, CalibrationTarget, ThresholdRule, calibrate
+from dynray.training import TrainConfig, TrainOutcome, fit
+
+__all__ = ["model_name", "train_and_register", "calibrate_and_register", "bench_and_write"]
+log = logging.getLogger(__name__)
+
+
+def model_name(dataset: str) -> str:
+    return f"dynnet-{dataset}"
+
+
+def _train_summary(cfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["model"] = config_to_dict(cfg.model_config())
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def train_and_register(
+    cfg: TrainConfig, registry: ModelRegistry, *, name: str | None = None, parent: str | None = None, init_state: dict[str, torch.Tensor] | None = None
+) -> tuple[ModelInfo, TrainOutcome]:
+    """Train with Ray Train, evaluate on val and register the model with default thresholds."""
+    outcome = fit(cfg, init_state=init_state)
+    val = load_dataset(cfg.dataset, "val", root=cfg.data_root)
+    rec = collect_exit_outputs(outcome.model, val.images, val.labels)
+    rule = ThresholdRule(thresholds=(cfg.threshold_end,) * (outcome.model.num_exits - 1))
+    adaptive = simulate(rec, rule)
+    metrics = {
+        "val_exit_accuracy": rec.exit_accuracy(),
+        "val_accuracy_full": rec.exit_accuracy()[-1],
+        "val_accuracy_adaptive": adaptive.accuracy,
+        "val_macs_adaptive": adaptive.mean_macs,
+        "train_seconds": outcome.seconds,
+        "epochs": cfg.epochs,
+    }
+    info = save_model(
+        registry, name or model_name(cfg.dataset), outcome.model, dataset=cfg.dataset, rule=rule, metrics=metrics,
+        extra={"training": _train_summary(cfg), "history": outcome.history, "thresholds_source": "training default (uncalibrated)"},
+        parent=parent,
+    )
+    log.info("registered %s (val accuracy %.4f at the last exit)", info.ref, metrics["val_accuracy_full"])
+    return info, outcome
+
+
+def calibrate_and_register(registry: ModelRegistry, ref: str | None, target: CalibrationTarget, *, data_root: str | None = None) -> tuple[ModelInfo, CalibrationResult]:
+    """Calibrate a registered model's thresholds on its val split; registers a child version."""
+    stored = load_model(registry, ref)
+    val = load_dataset(stored.dataset, "val", root=data_root)
+    rec = collect_exit_outputs(stored.model, val.images, val.labels)
+    res = calibrate(rec, target)
+    calibration = {
+        "target": dataclasses.asdict(target),
+        "val_accuracy": res.val.accuracy,
+        "val_reference_accuracy": res.reference_accuracy,
+        "val_mean_macs": res.val.mean_macs,
+        "val_macs_saving": rec.full_macs / res.val.mean_macs,
+        "val_exit_fractions": list(res.val.exit_fractions),
+        "sensitivity": [dataclasses.asdict(s) for s in res.sensitivity],
+        "candidates": list(res.candidates),
+    }
+    meta = stored.info.meta
+    info = save_model(
+        registry, stored.info.name, stored.model, dataset=stored.dataset, rule=res.rule, metrics=meta.get("metrics", {}),
+        extra={"training": meta.get("training"), "calibration": calibration, "thresholds_source": "calibrated"},
+        parent=stored.info.ref,
+    )
+    return info, res
+
+
+def bench_and_write(
+    registry: ModelRegistry, ref: str | None, *, dataset: str | None, json_path: str | Path, plot_path: str | Path | None = None,
+    cfg: CoreBenchConfig = CoreBenchConfig(), data_root: str | None = None,
+) -> dict:
+    """Run the core bench on the test split and merge it into ``json_path``."""
+    stored = load_model(registry, ref)
+    test = load_dataset(dataset or stored.dataset, "test", root=data_root)
+    plot = plot_path or Path(json_path).with_name(Path(json_path).stem + "_core.png")
+    section = bench_core(stored, test, cfg=cfg, plot=plot)
+    merge_section(json_path, "core", section)
+    return section

@@ -1,0 +1,472 @@
+"""Versioned model store: flat tensor dicts (safetensors, never pickle) plus JSON metadata.
+
+Layout under ``$DYNRAY_HOME`` (default ``./.dynray``)::
+
+    models/<name>/v<N>/model.safetensors   the weights
+    models/<name>/v<N>/meta.json           caller meta + name, version, created_at, git_commit,
+                                           parent, format, files {filename: sha256}
+    models/<name>/v<N>/meta.json.sha256    hex digest of the meta.json bytes
+    models/stages.json                     {"production": "name:v2", "staging": ...}
+    models/.lock                           flock for version allocation and stage updates
+
+A version is built in ``models/<name>/.tmp-<uuid>`` and renamed into place, so a half-written
+version is never visible. ``load`` and ``verify`` check every digest before any weight is parsed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save_file as st_save_file
+
+from dynray.errors import IntegrityError, RegistryError, UnknownNameError
+
+__all__ = ["ModelRegistry", "ModelInfo", "LoadedModel", "STAGES", "default_home"]
+
+log = logging.getLogger(__name__)
+
+STAGES: tuple[str, ...] = ("staging", "production")
+FORMAT = "dynray-model/1"
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+META_DIGEST_FILE = "meta.json.sha256"
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_VERSION_DIR_RE = re.compile(r"v([1-9][0-9]*)")
+_REF_VERSION_RE = re.compile(r"v?([1-9][0-9]*)")
+_CANONICAL_REF_RE = re.compile(r"[a-z0-9][a-z0-9._-]*:v[1-9][0-9]*")
+_MAX_RENAME_TRIES = 100
+_GIT_TIMEOUT_S = 2.0
+_TRAIN_FIX = "run `dynray train --dataset mnist-5k` (or `make demo`) to train and register a model"
+_INTEGRITY_FIX = "re-register the model: dynray train …, or restore the file from backup"
+_REF_FIX = "use NAME, NAME:vN, NAME:N, production or staging"
+
+
+def default_home() -> Path:
+    """The registry home: ``$DYNRAY_HOME`` or ``./.dynray``, as an absolute path."""
+    return Path(os.environ.get("DYNRAY_HOME") or "./.dynray").expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One registered version, as read from its ``meta.json`` (not integrity-checked)."""
+
+    name: str
+    """The model name, e.g. ``dynnet-mnist-5k``."""
+    version: int
+    """The version number, 1, 2, …"""
+    path: Path
+    """The version directory."""
+    meta: dict
+    """The full ``meta.json`` content."""
+    stages: tuple[str, ...]
+    """The stages this version holds now, e.g. ``("production",)``."""
+
+    @property
+    def ref(self) -> str:
+        """The canonical reference ``name:vN``."""
+        return f"{self.name}:v{self.version}"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A verified version and its tensors (on CPU)."""
+
+    info: ModelInfo
+    """The version's info, built from the verified ``meta.json``."""
+    tensors: dict[str, torch.Tensor]
+    """The stored tensors, by key."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or directory so a rename never exposes unwritten data after a crash."""
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _git_commit() -> str | None:
+    """``git rev-parse HEAD`` in the cwd, best effort: None on any failure, never raises."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=_GIT_TIMEOUT_S, check=False,
+        )
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+def _validate_name(name: object) -> str:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise RegistryError(
+            "invalid model name", got=name,
+            fix="use lowercase letters, digits, '.', '_' and '-', starting with a letter or digit",
+        )
+    if name in STAGES:  # the ref "production" must stay unambiguous
+        raise RegistryError("model name is reserved for a stage", got=name, fix="pick another name")
+    return name
+
+
+def _integrity(what: str, path: Path) -> IntegrityError:
+    return IntegrityError(what, got=str(path), fix=_INTEGRITY_FIX)
+
+
+def _digest_error(label: str, path: Path, expected: str, actual: str) -> IntegrityError:
+    return _integrity(
+        f"{label} does not match its recorded sha256 (expected {expected[:12]}…, actual {actual[:12]}…)",
+        path,
+    )
+
+
+class ModelRegistry:
+    """A versioned model store rooted at ``home`` (default :func:`default_home`)."""
+
+    def __init__(self, home: str | Path | None = None) -> None:
+        self.home: Path = Path(home).expanduser().resolve() if home is not None else default_home()
+        self.models_dir: Path = self.home / "models"
+
+    # ----------------------------------------------------------------------------- writing
+    def register(
+        self,
+        name: str,
+        tensors: dict[str, torch.Tensor],
+        meta: dict,
+        *,
+        parent: str | None = None,
+    ) -> ModelInfo:
+        """Store ``tensors`` and ``meta`` as the next version of ``name`` and return its info.
+
+        ``meta`` gains ``name``, ``version``, ``created_at``, ``git_commit``, ``parent``, ``format``
+        and ``files`` (overwriting caller keys of those names). Everything is validated before
+        anything is written; on failure nothing is left behind.
+        """
+        _validate_name(name)
+        if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, torch.Tensor) for k, v in tensors.items()
+        ):
+            raise RegistryError(
+                "tensors must be a dict of non-empty str keys to torch.Tensor values",
+                got=type(tensors).__name__, fix="pass model.state_dict() or a flat dict of tensors",
+            )
+        if not isinstance(meta, dict):
+            raise RegistryError("meta must be a dict", got=type(meta).__name__,
+                                fix="pass a JSON-serialisable dict")
+        parent_ref = self.resolve(parent).ref if parent is not None else None
+        extra = {"name": name, "version": 0, "created_at": "", "git_commit": _git_commit(),
+                 "parent": parent_ref, "format": FORMAT, "files": {}}
+        full = {**meta, **extra}
+        try:  # reject before writing anything
+            json.dumps(full)
+        except (TypeError, ValueError) as e:
+            raise RegistryError("meta is not JSON-serialisable", got=str(e),
+                                fix="store only dicts, lists, str, numbers, bools and None in meta") from e
+        overwritten = sorted(set(meta) & set(extra))
+        if overwritten:
+            log.debug("register %s: overwriting caller meta keys %s", name, overwritten)
+
+        name_dir = self.models_dir / name
+        tmp = name_dir / f".tmp-{uuid.uuid4().hex}"
+        with self._lock():  # serialised with the cleanup below, which may remove name_dir
+            created_name_dir = not name_dir.exists()
+            name_dir.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        try:
+            weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+            try:
+                st_save_file(weights, str(tmp / WEIGHTS_FILE))
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types
+                raise RegistryError("cannot save tensors as safetensors", got=str(e),
+                                    fix="pass dense tensors (no sparse or quantized layouts)") from e
+            _fsync_path(tmp / WEIGHTS_FILE)
+            full["files"] = {p.name: _sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            with self._lock():
+                version = self._next_version(name_dir)
+                for _ in range(_MAX_RENAME_TRIES):
+                    full["version"] = version
+                    full["created_at"] = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+                    meta_bytes = json.dumps(full, indent=2).encode()
+                    _write_durable(tmp / META_FILE, meta_bytes)
+                    _write_durable(tmp / META_DIGEST_FILE, (_sha256(meta_bytes) + "\n").encode())
+                    _fsync_path(tmp)
+                    target = name_dir / f"v{version}"
+                    if not target.exists():  # rename() would silently replace an empty dir
+                        try:
+                            os.rename(tmp, target)
+                            break
+                        except OSError as e:
+                            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                                raise
+                    log.warning("register %s: v%d appeared concurrently, retrying", name, version)
+                    version = max(version + 1, self._next_version(name_dir))
+                else:
+                    raise RegistryError(f"could not allocate a version for {name}", got=version,
+                                        fix=f"check for stray directories in {name_dir}")
+            _fsync_path(name_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if created_name_dir:
+                with self._lock(), contextlib.suppress(OSError):
+                    name_dir.rmdir()  # only succeeds if empty
+            raise
+        log.info("registered %s:v%d at %s", name, version, target)
+        return self._read_info(name, version)
+
+    def promote(self, ref: str, stage: str) -> ModelInfo:
+        """Point ``stage`` at the version ``ref`` resolves to (one version per stage)."""
+        if stage not in STAGES:
+            raise UnknownNameError("stage", str(stage), STAGES)
+        info = self.resolve(ref)
+        with self._lock():
+            stages = self._read_stages(strict=True)
+            previous = stages.get(stage)
+            stages[stage] = info.ref
+            self._write_stages(stages)
+        log.info("promoted %s to %s (was %s)", info.ref, stage, previous)
+        return self._read_info(info.name, info.version)
+
+    # ----------------------------------------------------------------------------- reading
+    def list(self, name: str | None = None) -> list[ModelInfo]:
+        """All readable versions (of ``name`` if given; ``[]`` if it has none), sorted by name, version.
+
+        Temp dirs are skipped; a version whose ``meta.json`` cannot be read is skipped with a
+        warning (``load`` of it raises :class:`IntegrityError`).
+        """
+        stages = self._read_stages(strict=False)
+        infos = []
+        for v_name, version in self._version_dirs(name):
+            try:
+                infos.append(self._read_info(v_name, version, stages))
+            except IntegrityError as e:
+                log.warning("skipping %s:v%d: %s", v_name, version, e)
+        return sorted(infos, key=lambda i: (i.name, i.version))
+
+    def resolve(self, ref: str | None = None) -> ModelInfo:
+        """Find a version: None (production, else newest), a stage, ``name``, ``name:vN`` or ``name:N``."""
+        if not self._version_dirs(None):
+            raise RegistryError(f"no models registered in {self.home}", fix=_TRAIN_FIX)
+        if ref is None:
+            if "production" in self._read_stages(strict=True):
+                return self.resolve("production")
+            infos = self.list()
+            if not infos:
+                raise RegistryError(f"no readable models in {self.home}", fix=_TRAIN_FIX)
+            return max(infos, key=lambda i: (_created(i), i.name, i.version))
+        if not isinstance(ref, str) or not ref:
+            raise RegistryError("invalid model ref", got=ref, fix=_REF_FIX)
+        if ref in STAGES:
+            target = self._read_stages(strict=True).get(ref)
+            if target is None:
+                raise RegistryError(f"no model in stage {ref!r}",
+                                    fix=f"promote one: dynray models promote NAME:vN {ref}")
+            name, version = self._parse_ref(target)
+            if not (self.models_dir / name / f"v{version}").is_dir():
+                raise RegistryError(f"stage {ref!r} points to missing version {target}",
+                                    fix=f"promote another one: dynray models promote NAME:vN {ref}")
+            return self._read_info(name, version)
+        name, version = self._parse_ref(ref)
+        versions = self._version_dirs(name)
+        if not versions:
+            names = sorted({n for n, _ in self._version_dirs(None)})
+            raise UnknownNameError("model", name, names)
+        if version is None:
+            infos = self.list(name)
+            if not infos:
+                raise _integrity(f"no readable version of model {name}", self.models_dir / name)
+            return infos[-1]
+        if (name, version) not in versions:
+            known = [f"{name}:v{v}" for _, v in sorted(versions, key=lambda nv: nv[1])]
+            raise UnknownNameError("version", f"{name}:v{version}", known)
+        return self._read_info(name, version)
+
+    def show(self, ref: str | None = None) -> ModelInfo:
+        """The info of ``ref`` (same forms as :meth:`resolve`); does not verify digests."""
+        return self.resolve(ref)
+
+    def verify(self, ref: str | None = None) -> ModelInfo:
+        """Check every digest of ``ref`` and that its weights parse; raise IntegrityError if not."""
+        info, _ = self._verified(self.resolve(ref))
+        return info
+
+    def load(self, ref: str | None = None) -> LoadedModel:
+        """Resolve ``ref``, verify its integrity and return its tensors.
+
+        The weights are hashed and parsed from the same bytes, so a file changed between the
+        check and the load can never slip through.
+        """
+        info, tensors = self._verified(self.resolve(ref))
+        return LoadedModel(info=info, tensors=tensors)
+
+    # ----------------------------------------------------------------------------- internals
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.models_dir / ".lock", "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    @staticmethod
+    def _next_version(name_dir: Path) -> int:
+        nums = [int(m.group(1)) for p in name_dir.iterdir() if (m := _VERSION_DIR_RE.fullmatch(p.name))]
+        return max(nums, default=0) + 1
+
+    def _version_dirs(self, name: str | None) -> list[tuple[str, int]]:
+        """(name, version) of every version directory, whether or not its meta is readable."""
+        if not self.models_dir.is_dir():
+            return []
+        if name is not None:
+            name_dirs = [self.models_dir / name] if _NAME_RE.fullmatch(name) else []
+        else:
+            name_dirs = [p for p in self.models_dir.iterdir() if _NAME_RE.fullmatch(p.name)]
+        out = []
+        for nd in name_dirs:
+            if not nd.is_dir():
+                continue
+            for p in nd.iterdir():
+                m = _VERSION_DIR_RE.fullmatch(p.name)
+                if m and p.is_dir():
+                    out.append((nd.name, int(m.group(1))))
+        return sorted(out)
+
+    @staticmethod
+    def _parse_ref(ref: str) -> tuple[str, int | None]:
+        name, sep, ver = ref.partition(":")
+        if not name or (sep and not (m := _REF_VERSION_RE.fullmatch(ver))):
+            raise RegistryError("invalid model ref", got=ref, fix=_REF_FIX)
+        return name, (int(m.group(1)) if sep else None)
+
+    def _read_stages(self, *, strict: bool) -> dict[str, str]:
+        path = self.models_dir / "stages.json"
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or not all(
+                k in STAGES and isinstance(v, str) and _CANONICAL_REF_RE.fullmatch(v)
+                for k, v in data.items()
+            ):
+                raise ValueError("expected {stage: 'name:vN'}")
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            if strict:
+                raise RegistryError(f"stage pointers unreadable: {e}", got=str(path),
+                                    fix="fix or delete the file, then promote again: "
+                                        "dynray models promote NAME:vN production") from e
+            log.warning("ignoring unreadable %s: %s", path, e)
+            return {}
+        return data
+
+    def _write_stages(self, stages: dict[str, str]) -> None:
+        path = self.models_dir / "stages.json"
+        tmp = self.models_dir / f".stages-{uuid.uuid4().hex}.tmp"
+        try:
+            _write_durable(tmp, (json.dumps(stages, indent=2, sort_keys=True) + "\n").encode())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        _fsync_path(self.models_dir)
+
+    def _read_info(self, name: str, version: int, stages: dict[str, str] | None = None) -> ModelInfo:
+        path = self.models_dir / name / f"v{version}"
+        try:
+            meta = json.loads((path / META_FILE).read_bytes())
+        except (OSError, ValueError) as e:
+            raise _integrity(f"{META_FILE} of {name}:v{version} is unreadable ({e})", path / META_FILE) from e
+        if not isinstance(meta, dict):
+            raise _integrity(f"{META_FILE} of {name}:v{version} is not a JSON object", path / META_FILE)
+        return self._info(name, version, path, meta, stages)
+
+    def _info(self, name: str, version: int, path: Path, meta: dict,
+              stages: dict[str, str] | None = None) -> ModelInfo:
+        stages = self._read_stages(strict=False) if stages is None else stages
+        ref = f"{name}:v{version}"
+        held = tuple(s for s in STAGES if stages.get(s) == ref)
+        return ModelInfo(name=name, version=version, path=path, meta=meta, stages=held)
+
+    def _verified(self, info: ModelInfo) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
+        """Check meta.json's digest, every listed file's digest, and parse the weights."""
+        path, ref = info.path, info.ref
+        meta_path, digest_path = path / META_FILE, path / META_DIGEST_FILE
+        try:
+            meta_bytes = meta_path.read_bytes()
+            expected = digest_path.read_text().strip()
+        except OSError as e:
+            raise _integrity(f"{ref}: cannot read {Path(e.filename or meta_path).name}", path) from e
+        actual = _sha256(meta_bytes)
+        if actual != expected:
+            raise _digest_error(f"{META_FILE} of {ref}", meta_path, expected, actual)
+        try:  # the digest matched, so these should be the bytes register wrote
+            meta = json.loads(meta_bytes)
+        except ValueError as e:
+            raise _integrity(f"{META_FILE} of {ref} is not valid JSON ({e})", meta_path) from e
+        files = meta.get("files") if isinstance(meta, dict) else None
+        if not isinstance(files, dict) or meta.get("format") != FORMAT or WEIGHTS_FILE not in files:
+            raise _integrity(f"{META_FILE} of {ref} is not {FORMAT} with {WEIGHTS_FILE} in files", meta_path)
+        tensors: dict[str, torch.Tensor] = {}
+        for fname, expected in sorted(files.items()):
+            fpath = path / fname
+            if Path(fname).name != fname:
+                raise _integrity(f"{ref}: file entry {fname!r} escapes the version dir", meta_path)
+            try:
+                data = fpath.read_bytes()
+            except OSError as e:
+                raise _integrity(f"{fname} of {ref} is missing or unreadable ({e.strerror})", fpath) from e
+            actual = _sha256(data)
+            if actual != expected:
+                raise _digest_error(f"{fname} of {ref}", fpath, str(expected), actual)
+            if fname == WEIGHTS_FILE:
+                try:
+                    tensors = st_load(data)
+                except Exception as e:  # noqa: BLE001 - safetensors raises several types
+                    raise _integrity(f"{fname} of {ref} does not parse as safetensors ({e})", fpath) from e
+        return self._info(info.name, info.version, path, meta), tensors
+
+
+def _created(info: ModelInfo) -> datetime:
+    """The creation time from meta, for ordering; unparsable values sort first."""
+    try:
+        dt = datetime.fromisoformat(str(info.meta.get("created_at")))
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)

@@ -1,0 +1,23 @@
+"""Connecting a job to Ray: attach when submitted, else start a private local instance."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+__all__ = ["connect"]
+
+
+def connect(num_cpus: int | None = None) -> None:
+    """Attach to ``RAY_ADDRESS`` (set inside `ray job submit`), else start a local Ray.
+
+    ``address="local"`` ignores stale ``ray_current_cluster`` files (see RAY_NOTES §0). The
+    dashboard stays on: Ray Train's placement-group cleaner polls the State API, which needs it.
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=True, log_to_driver=True, logging_level="WARNING")

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny models and cached records for unit tests, one Ray for the session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dynray.data import load_dataset
+from dynray.models import DynamicNetConfig, build
+
+
+@pytest.fixture(scope="session")
+def mnist5k():
+    """The three mnist-5k splits, loaded once per session."""
+    return {s: load_dataset("mnist-5k", s) for s in ("train", "val", "test")}
+
+
+@pytest.fixture
+def tiny_cnn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build(DynamicNetConfig(widths=(4, 8, 8), layers=(1, 1, 1), exit_hidden=8)).eval()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for every test under tests/ray (RAY_NOTES §10)."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
