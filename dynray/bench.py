@@ -22,6 +22,7 @@ import torch
 from dynray.data import Split
 from dynray.errors import ConfigError
 from dynray.evaluation import ExitRecords, collect_exit_outputs, oracle, simulate
+from dynray.models.fuse import fused_copy
 from dynray.store import StoredModel
 from dynray.thresholds import ThresholdRule
 
@@ -37,12 +38,17 @@ class CoreBenchConfig:
 
     batch: int = 256
     """Large-batch size for latency and throughput."""
-    batches: int = 24
+    batches: int = 40
     """Timed large batches per path (cycling over the test split)."""
     singles: int = 300
     """Timed batch-1 calls per path."""
-    warmup: int = 3
-    """Untimed calls before each timing loop."""
+    warmup_s: float = 1.5
+    """Untimed seconds of calls before each timing loop (oneDNN primitive creation and the
+    CPU's clock ramp take ~1 s on this machine; fewer warm-up calls skew the first path timed)."""
+    threads: int = 1
+    """Torch intra-op threads for the latency/throughput numbers. 1 matches a Ray actor or Serve
+    replica with num_cpus=1 (Ray sets OMP_NUM_THREADS=1 there); the all-threads throughput is
+    reported beside it."""
 
 
 def _percentiles(seconds: list[float]) -> dict[str, float]:
@@ -50,15 +56,29 @@ def _percentiles(seconds: list[float]) -> dict[str, float]:
     return {f"p{q}": round(float(np.percentile(ms, q)), 4) for q in (50, 95, 99)}
 
 
-def _time_calls(fn: Callable[[torch.Tensor], object], inputs: list[torch.Tensor], warmup: int) -> list[float]:
-    for x in inputs[:warmup]:
-        fn(x)
-    out = []
+def _time_pair(
+    fa: Callable[[torch.Tensor], object], fb: Callable[[torch.Tensor], object], inputs: list[torch.Tensor], warmup_s: float
+) -> tuple[list[float], list[float]]:
+    """Seconds per call of two paths, alternating on the same inputs.
+
+    Alternating keeps slow drifts of a shared machine (frequency, neighbours) out of the
+    ratio between the two paths.
+    """
+    end = time.perf_counter() + warmup_s
+    i = 0
+    while time.perf_counter() < end:
+        fa(inputs[i % len(inputs)])
+        fb(inputs[i % len(inputs)])
+        i += 1
+    ta, tb = [], []
     for x in inputs:
         t0 = time.perf_counter()
-        fn(x)
-        out.append(time.perf_counter() - t0)
-    return out
+        fa(x)
+        t1 = time.perf_counter()
+        fb(x)
+        ta.append(t1 - t0)
+        tb.append(time.perf_counter() - t1)
+    return ta, tb
 
 
 def _rule(stored: StoredModel) -> ThresholdRule:
@@ -70,7 +90,7 @@ def _rule(stored: StoredModel) -> ThresholdRule:
 @torch.inference_mode()
 def bench_core(stored: StoredModel, test: Split, *, cfg: CoreBenchConfig = CoreBenchConfig(), plot: str | Path | None = None) -> dict:
     """The "core" section: accuracy, MACs, oracle, exit mix, latency, throughput, memory."""
-    model, rule = stored.model.eval(), _rule(stored)
+    model, rule = fused_copy(stored.model), _rule(stored)  # BatchNorm folded, for both paths
     x, y = test.images, test.labels
     log.info("core bench: %s on %s/%s (%d samples)", stored.info.ref, test.name, test.split, len(y))
     out = model.forward_exits(x, rule)  # the real compacted pass
@@ -83,16 +103,23 @@ def bench_core(stored: StoredModel, test: Split, *, cfg: CoreBenchConfig = CoreB
         starts = [(i * size) % max(1, len(x) - size + 1) for i in range(count)]
         return [x[s : s + size] for s in starts]
 
+    def adaptive(t: torch.Tensor) -> object:
+        return model.forward_exits(t, rule)
+
     b1 = batches(1, cfg.singles)
     big = batches(cfg.batch, cfg.batches)
+    all_threads = torch.get_num_threads()
+    t_full_all, t_adapt_all = _time_pair(model.forward_full, adaptive, big, cfg.warmup_s)
+    torch.set_num_threads(cfg.threads)
+    try:
+        s1_full, s1_adapt = _time_pair(model.forward_full, adaptive, b1, cfg.warmup_s)
+        t_full, t_adapt = _time_pair(model.forward_full, adaptive, big, cfg.warmup_s)
+    finally:
+        torch.set_num_threads(all_threads)
     lat = {
-        "full": {"b1": _percentiles(_time_calls(model.forward_full, b1, cfg.warmup))},
-        "adaptive": {"b1": _percentiles(_time_calls(lambda t: model.forward_exits(t, rule), b1, cfg.warmup))},
+        "full": {"b1": _percentiles(s1_full), f"b{cfg.batch}": _percentiles(t_full)},
+        "adaptive": {"b1": _percentiles(s1_adapt), f"b{cfg.batch}": _percentiles(t_adapt)},
     }
-    t_full = _time_calls(model.forward_full, big, cfg.warmup)
-    t_adapt = _time_calls(lambda t: model.forward_exits(t, rule), big, cfg.warmup)
-    lat["full"][f"b{cfg.batch}"] = _percentiles(t_full)
-    lat["adaptive"][f"b{cfg.batch}"] = _percentiles(t_adapt)
     n_big = sum(len(b) for b in big)
     section = {
         "dataset": test.name,
@@ -109,9 +136,10 @@ def bench_core(stored: StoredModel, test: Split, *, cfg: CoreBenchConfig = CoreB
         "macs_per_exit": list(model.mac_profile.cumulative),
         "exit_fractions": (torch.bincount(out.exit_index, minlength=n_exits).double() / len(y)).tolist(),
         "latency_ms": lat,
-        "throughput_sps": {"full": n_big / sum(t_full), "adaptive": n_big / sum(t_adapt), "batch": cfg.batch},
+        "throughput_sps": {"full": n_big / sum(t_full), "adaptive": n_big / sum(t_adapt), "batch": cfg.batch, "threads": cfg.threads},
+        "throughput_sps_all_threads": {"full": n_big / sum(t_full_all), "adaptive": n_big / sum(t_adapt_all), "threads": all_threads},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "threads": torch.get_num_threads(),
+        "threads": cfg.threads,
         "thresholds": rule.to_dict(),
     }
     section["macs_saving"] = section["macs_full"] / section["macs_adaptive"]

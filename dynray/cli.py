@@ -58,8 +58,10 @@ def _print_core(s: dict) -> None:
         ("MAC saving (full / adaptive)", f"{s['macs_saving']:.2f}x"),
         ("adaptive / oracle MACs", f"{s['adaptive_vs_oracle']:.3f}"),
         ("exit fractions", ", ".join(f"{f:.3f}" for f in s["exit_fractions"])),
-        ("throughput b256 full / adaptive", f"{s['throughput_sps']['full']:,.0f} / {s['throughput_sps']['adaptive']:,.0f} samples/s ({s['throughput_gain']:.2f}x)"),
+        ("throughput b256 full / adaptive", f"{s['throughput_sps']['full']:,.0f} / {s['throughput_sps']['adaptive']:,.0f} samples/s ({s['throughput_gain']:.2f}x, {s['threads']} thread)"),
+        (f"  same with {s['throughput_sps_all_threads']['threads']} threads", f"{s['throughput_sps_all_threads']['full']:,.0f} / {s['throughput_sps_all_threads']['adaptive']:,.0f} samples/s ({s['throughput_sps_all_threads']['adaptive'] / s['throughput_sps_all_threads']['full']:.2f}x)"),
         ("latency b1 p50 full / adaptive", f"{s['latency_ms']['full']['b1']['p50']:.3f} / {s['latency_ms']['adaptive']['b1']['p50']:.3f} ms"),
+        ("latency b256 p50 full / adaptive", f"{s['latency_ms']['full']['b256']['p50']:.2f} / {s['latency_ms']['adaptive']['b256']['p50']:.2f} ms"),
         ("peak RSS", f"{s['peak_rss_mb']:.0f} MB"),
     ]
     w = max(len(k) for k, _ in rows)

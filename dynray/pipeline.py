@@ -39,8 +39,8 @@ def train_and_register(
     cfg: TrainConfig, registry: ModelRegistry, *, name: str | None = None, parent: str | None = None, init_state: dict[str, torch.Tensor] | None = None
 ) -> tuple[ModelInfo, TrainOutcome]:
     """Train with Ray Train, evaluate on val and register the model with default thresholds."""
+    val = load_dataset(cfg.dataset, "val", root=cfg.data_root)  # missing files fail here, not in a worker
     outcome = fit(cfg, init_state=init_state)
-    val = load_dataset(cfg.dataset, "val", root=cfg.data_root)
     rec = collect_exit_outputs(outcome.model, val.images, val.labels)
     rule = ThresholdRule(thresholds=(cfg.threshold_end,) * (outcome.model.num_exits - 1))
     adaptive = simulate(rec, rule)

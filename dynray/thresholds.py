@@ -80,6 +80,10 @@ class ThresholdRule:
         if any(not math.isfinite(t) for t in self.thresholds):
             raise ConfigError("thresholds must be finite", got=self.thresholds, fix=f"use {_NEVER} for 'never stop'")
 
+    @property
+    def uses_complexity(self) -> bool:
+        return self.complexity_weight != 0.0
+
     def score(self, k: int, logits: torch.Tensor, complexity: torch.Tensor) -> torch.Tensor:
         """Stop score of the running samples at exit k: logits [b, C], complexity [b, F] -> [b]."""
         conf = CONFIDENCES[self.confidence](logits.float())
@@ -117,7 +121,8 @@ class CalibrationTarget:
     """Exactly one of the two targets."""
 
     max_drop: float | None = None
-    """Largest allowed accuracy drop against the last exit on val (0.005 = 0.5 pt)."""
+    """Largest allowed accuracy drop against the last exit on val (0.005 = 0.5 pt), counted
+    conservatively: the share of the last exit's correct answers that early exits get wrong."""
     macs_budget: float | None = None
     """Largest allowed mean MACs per sample on val."""
 
@@ -153,14 +158,18 @@ class CalibrationResult:
     candidates: tuple[dict, ...] = field(default=())  # every (confidence, β) tried, for the report
 
 
-def _at(rec: ExitRecords, scores: torch.Tensor, taus: Sequence[float]) -> tuple[float, float]:
-    """(accuracy, mean MACs) with thresholds ``taus`` on precomputed scores [K-1, N]."""
+def _at(rec: ExitRecords, scores: torch.Tensor, taus: Sequence[float]) -> tuple[float, float, float]:
+    """(accuracy, mean MACs, lost) with thresholds ``taus`` on precomputed scores [K-1, N].
+
+    ``lost`` is the share of samples the last exit gets right and the rule gets wrong.
+    """
     stop = scores >= torch.tensor(taus, dtype=scores.dtype).unsqueeze(1)  # [K-1, N]
     stop = torch.cat([stop, torch.ones_like(stop[:1])]).to(torch.int8)
     exit_index = stop.argmax(dim=0)
     n = exit_index.shape[0]
-    acc = float(rec.correct[exit_index, torch.arange(n)].float().mean())
-    return acc, float(rec.cum_macs[exit_index].mean())
+    correct = rec.correct[exit_index, torch.arange(n)]
+    lost = float((rec.correct[-1] & ~correct).float().mean())
+    return float(correct.float().mean()), float(rec.cum_macs[exit_index].mean()), lost
 
 
 def _scores(rec: ExitRecords, rule: ThresholdRule) -> torch.Tensor:
@@ -174,21 +183,27 @@ def sensitivity(rec: ExitRecords, rule: ThresholdRule, *, h: float = 0.02) -> tu
     for k, tau in enumerate(rule.thresholds):
         up, down = list(rule.thresholds), list(rule.thresholds)
         up[k], down[k] = tau + h, tau - h
-        (a1, m1), (a0, m0) = _at(rec, scores, up), _at(rec, scores, down)
+        (a1, m1, _), (a0, m0, _) = _at(rec, scores, up), _at(rec, scores, down)
         out.append(ExitSensitivity(k, tau, (a1 - a0) / (2 * h), (m1 - m0) / (2 * h)))
     return tuple(out)
 
 
-def _greedy(rec: ExitRecords, scores: torch.Tensor, target: CalibrationTarget, reference: float, levels: int) -> list[float]:
-    """Lower thresholds from strict to permissive, best MACs-per-accuracy move first."""
+def _greedy(rec: ExitRecords, scores: torch.Tensor, target: CalibrationTarget, levels: int) -> list[float]:
+    """Lower thresholds from strict to permissive, best MACs-per-accuracy move first.
+
+    The accuracy cost of a move is the share of the last exit's correct answers it loses;
+    samples an early exit gets right and the last exit gets wrong are not credited. On a
+    small validation split those lucky gains are mostly noise, and crediting them lets the
+    calibrator trade real losses for them (it then misses the target on test).
+    """
     grids = []
     for s in scores:  # candidate τ per exit: score quantiles, top = never stop
         q = torch.quantile(s.double(), torch.linspace(0, 1, levels, dtype=torch.float64))
         grids.append(sorted(set(q.tolist())) + [_NEVER])
     pos = [len(g) - 1 for g in grids]
     taus = [g[-1] for g in grids]
-    acc, macs = _at(rec, scores, taus)
-    floor = reference - target.max_drop if target.max_drop is not None else -1.0
+    _, macs, lost = _at(rec, scores, taus)
+    allowed = target.max_drop if target.max_drop is not None else 1.0
     eps = 0.5 / scores.shape[1]  # half a sample of accuracy: ties break towards MACs saved
     while True:
         if target.macs_budget is not None and macs <= target.macs_budget:
@@ -198,17 +213,17 @@ def _greedy(rec: ExitRecords, scores: torch.Tensor, target: CalibrationTarget, r
             # next level down that changes the outcome (levels can be no-ops when an
             # earlier exit already stops every sample they would add)
             p, trial = pos[k], list(taus)
-            a, m = acc, macs
+            m, lo = macs, lost
             while p > 0 and m >= macs:
                 p -= 1
                 trial[k] = grids[k][p]
-                a, m = _at(rec, scores, trial)
-            if m >= macs or a < floor - 1e-12:
+                _, m, lo = _at(rec, scores, trial)
+            if m >= macs or lo > allowed + 1e-12:
                 continue
-            # sensitivities of this step; dτ cancels in the ratio
-            eff = (macs - m) / (acc - a) if acc - a > 0 else (macs - m) / eps
+            # sensitivities of this step (dMACs/dτ over dAccuracy/dτ); dτ cancels in the ratio
+            eff = (macs - m) / (lo - lost) if lo > lost else (macs - m) / eps
             if eff > best_eff:
-                best, best_eff = (k, p, a, m), eff
+                best, best_eff = (k, p, lo, m), eff
         if best is None:
             if target.macs_budget is not None:
                 raise CalibrationError(
@@ -217,7 +232,7 @@ def _greedy(rec: ExitRecords, scores: torch.Tensor, target: CalibrationTarget, r
                     fix=f"the cheapest reachable operating point spends {macs:,.0f} MACs/sample; raise the budget",
                 )
             return taus
-        k, pos[k], acc, macs = best
+        k, pos[k], lost, macs = best
         taus[k] = grids[k][pos[k]]
 
 
@@ -229,11 +244,13 @@ def calibrate(
     complexity_weights: Sequence[float] = (0.0, 0.05, 0.1, 0.2),
     feature_weights: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25),
     levels: int = 200,
+    complexity_margin: float = 0.02,
 ) -> CalibrationResult:
     """Calibrate a :class:`ThresholdRule` on validation-split records to ``target``.
 
     Tries every (confidence, β) pair and keeps the cheapest rule that meets a max-drop
-    target, or the most accurate one within a MAC budget.
+    target, or the most accurate one within a MAC budget. A rule with β > 0 must win by
+    ``complexity_margin`` (relative), because computing the complexity features costs time.
     """
     reference = rec.exit_accuracy()[-1]
     if target.macs_budget is not None and target.macs_budget < float(rec.cum_macs[0]):
@@ -247,11 +264,15 @@ def calibrate(
     for conf in confidences:
         for beta in complexity_weights:
             rule = ThresholdRule(thresholds=(0.0,) * (rec.num_exits - 1), confidence=conf, complexity_weight=beta, feature_weights=feature_weights)
-            taus = _greedy(rec, _scores(rec, rule), target, reference, levels)
+            taus = _greedy(rec, _scores(rec, rule), target, levels)
             rule = replace(rule, thresholds=tuple(taus))
             out = simulate(rec, rule)
             tried.append({"confidence": conf, "complexity_weight": beta, "accuracy": out.accuracy, "mean_macs": out.mean_macs})
             key = (out.mean_macs, -out.accuracy) if target.max_drop is not None else (-out.accuracy, out.mean_macs)
+            if beta:
+                # the complexity features cost wall-clock time (not MACs): use them only if
+                # they beat a confidence-only rule by a clear margin on val
+                key = (key[0] * (1 + complexity_margin), key[1]) if key[0] > 0 else (key[0] * (1 - complexity_margin), key[1])
             if best is None or key < best[0]:
                 best = (key, rule, out)
     assert best is not None

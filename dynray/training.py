@@ -82,6 +82,7 @@ class TrainConfig:
     """Fine-tuning plan when starting from a registered model."""
 
     def __post_init__(self) -> None:
+        dataset_spec(self.dataset)  # unknown names fail here, before any worker starts
         if self.epochs < 1 or self.batch_size < 1 or self.workers < 1:
             raise ConfigError("epochs, batch_size and workers must be >= 1", got=(self.epochs, self.batch_size, self.workers), fix="e.g. --epochs 15 --workers 2")
         if self.lr <= 0:
@@ -111,7 +112,7 @@ def default_model_config(dataset: str) -> DynamicNetConfig:
     """The foundation's default DynamicNet for a dataset's input shape."""
     spec = dataset_spec(dataset)
     if spec.input_shape[0] == 3:  # CIFAR: wider stages
-        return DynamicNetConfig(input_shape=spec.input_shape, num_classes=spec.num_classes, widths=(32, 64, 128), layers=(1, 2, 2))
+        return DynamicNetConfig(input_shape=spec.input_shape, num_classes=spec.num_classes, widths=(32, 64, 128), layers=(1, 2, 2), strides=(1, 1, 1), stem_kernel=3)
     return DynamicNetConfig(input_shape=spec.input_shape, num_classes=spec.num_classes)
 
 
@@ -125,7 +126,8 @@ class TrainOutcome:
 
 
 def _lr_factor(step: int, steps_per_epoch: int, total: int) -> float:
-    warm = steps_per_epoch
+    """Linear warm-up (one epoch, at most a tenth of the run), then cosine decay to 0."""
+    warm = max(1, min(steps_per_epoch, total // 10))
     if step < warm:
         return (step + 1) / warm
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))

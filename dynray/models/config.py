@@ -29,9 +29,11 @@ class DynamicNetConfig:
     """Convolution kernel size (cnn only); padding keeps the spatial size."""
     stem_kernel: int = 5
     """Kernel size of the first convolution (cnn only)."""
-    stem_stride: int = 2
-    """Stride of the first convolution (cnn only). A strided stem replaces stage 1's max-pool, so the
-    cheapest exit never touches a full-resolution activation map (it is memory-bound on CPU)."""
+    strides: tuple[int, ...] = (2, 2, 1)
+    """Per stage (cnn only): stride (1 or 2) of the stage's first conv. Every stage but the last
+    halves the resolution: by that strided conv when the stride is 2, else by a 2x2 max-pool at
+    its end. The strided stem keeps the cheapest exit off full-resolution activation maps, which
+    are memory-bound on CPU."""
     exit_pool: int = 7
     """Early exit heads average-pool the feature map to at most exit_pool x exit_pool (cnn only)."""
     exit_hidden: int = 64
@@ -54,8 +56,10 @@ class DynamicNetConfig:
             raise ConfigError("num_classes must be at least 2", got=self.num_classes, fix="set the dataset's class count")
         if self.backbone == "cnn" and len(self.input_shape) != 3:
             raise ConfigError("the cnn backbone needs input_shape (C, H, W)", got=self.input_shape, fix="use backbone='mlp' for flat inputs")
-        if self.stem_stride not in (1, 2) or self.stem_kernel < 1 or self.stem_kernel % 2 == 0:
-            raise ConfigError("stem_stride must be 1 or 2 and stem_kernel odd", got=(self.stem_stride, self.stem_kernel), fix="use stem_kernel=5, stem_stride=2")
+        if len(self.strides) != len(self.widths) or not set(self.strides) <= {1, 2}:
+            raise ConfigError("strides need one value (1 or 2) per stage", got=self.strides, fix=f"give {len(self.widths)} values, e.g. (2, 2, 1)")
+        if self.stem_kernel < 1 or self.stem_kernel % 2 == 0:
+            raise ConfigError("stem_kernel must be odd and positive", got=self.stem_kernel, fix="use 3 or 5")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ConfigError("kernel_size must be odd and positive", got=self.kernel_size, fix="use 3 or 5")
         if not 0.0 <= self.dropout < 1.0:

@@ -30,6 +30,8 @@ class StopRule(Protocol):
 
     logits: [b, C] of the running samples at exit k; complexity: [b, F] normalised
     features of the same samples. Returns a bool mask [b]. The last exit always stops.
+    A rule with ``uses_complexity = False`` gets an empty [b, 0] complexity tensor, and the
+    model skips computing the features.
     """
 
     def stop(self, k: int, logits: torch.Tensor, complexity: torch.Tensor) -> torch.Tensor: ...
@@ -40,6 +42,7 @@ class StopAtExit:
     """Stop rule that sends every sample to a fixed exit (``-1`` = the last one)."""
 
     exit: int = -1
+    uses_complexity = False
 
     def stop(self, k: int, logits: torch.Tensor, complexity: torch.Tensor) -> torch.Tensor:
         return torch.full((logits.shape[0],), k == self.exit, dtype=torch.bool)
@@ -91,7 +94,9 @@ class DynamicNet(nn.Module):
             raise InputValidationError("input must be floating point in [0, 1]", got=str(x.dtype), fix="convert with x.float() / 255")
         if x.dim() != len(want) + 1 or tuple(x.shape[1:]) != want or x.shape[0] == 0:
             raise InputValidationError("wrong input shape", got=tuple(x.shape), fix=f"pass [B, {', '.join(map(str, want))}] with B >= 1")
-        if not torch.isfinite(x).all():
+        # one cheap reduction: the sum is non-finite iff some element is (float32 sums of
+        # values in [0, 1] cannot overflow); only then pay for the element-wise check
+        if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
             raise InputValidationError("input contains NaN or Inf", got=int((~torch.isfinite(x)).sum()), fix="clean or drop the non-finite samples")
         return x.float()
 
@@ -112,7 +117,9 @@ class DynamicNet(nn.Module):
         logits_out = x.new_empty(n, self.cfg.num_classes)  # [B, C]
         exit_out = torch.full((n,), self.num_exits - 1, dtype=torch.int64)  # [B]
         b_idx = torch.arange(n)  # [b] original positions of the running samples
-        b_cx = self.complexity(x)  # [b, F]
+        # complexity features only when the rule reads them (a rule may declare it does not)
+        uses_cx = getattr(stop_rule, "uses_complexity", True)
+        b_cx = self.complexity(x) if uses_cx else x.new_zeros(n, 0)  # [b, F]
         h = x
         seen: list[int] = []
         last = self.num_exits - 1
@@ -124,14 +131,16 @@ class DynamicNet(nn.Module):
                 logits_out[b_idx] = b_logits
                 break
             stop = stop_rule.stop(k, b_logits, b_cx)  # [b] bool
-            if stop.any():
-                logits_out[b_idx[stop]] = b_logits[stop]
-                exit_out[b_idx[stop]] = k
-                keep = ~stop
-                if not keep.any():
+            stop_idx = stop.nonzero().squeeze(1)  # integer indices: index_select beats bool masks
+            if stop_idx.numel():
+                done = b_idx.index_select(0, stop_idx)
+                logits_out.index_copy_(0, done, b_logits.index_select(0, stop_idx))
+                exit_out.index_fill_(0, done, k)
+                keep_idx = (~stop).nonzero().squeeze(1)
+                if not keep_idx.numel():
                     break
                 # compaction: only the samples still running enter stage k+1
-                b_idx, h, b_cx = b_idx[keep], h[keep], b_cx[keep]
+                b_idx, h, b_cx = b_idx.index_select(0, keep_idx), h.index_select(0, keep_idx), b_cx.index_select(0, keep_idx)
         return ExitOutput(logits=logits_out, exit_index=exit_out, macs=self._cum_macs[exit_out], stage_batch=tuple(seen))
 
     @torch.no_grad()

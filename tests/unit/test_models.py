@@ -14,7 +14,8 @@ from dynray.thresholds import ThresholdRule
 
 CONFIGS = {
     "cnn": DynamicNetConfig(widths=(4, 8, 8), layers=(1, 1, 2), exit_hidden=8),
-    "cnn-cifar": DynamicNetConfig(input_shape=(3, 32, 32), widths=(4, 8, 8, 16), layers=(1, 1, 1, 1), stem_stride=1, stem_kernel=3),
+    "cnn-strided": DynamicNetConfig(widths=(4, 8, 8), layers=(1, 1, 2), strides=(2, 2, 1)),
+    "cnn-cifar": DynamicNetConfig(input_shape=(3, 32, 32), widths=(4, 8, 8, 16), layers=(1, 1, 1, 1), strides=(1, 2, 1, 1), stem_kernel=3),
     "mlp": DynamicNetConfig(backbone="mlp", input_shape=(20,), widths=(16, 16, 8), layers=(1, 2, 1)),
 }
 
@@ -145,3 +146,24 @@ def test_config_validation_and_round_trip():
 def test_duplicate_backbone_name_raises():
     with pytest.raises(ConfigError, match="registered twice"):
         register_backbone("cnn")(lambda cfg: None)
+
+
+def test_fast_pool_equals_avg_pool():
+    from dynray.models.backbones import _Pool
+
+    x = torch.randn(3, 5, 14, 14)
+    for f in (2, 7):
+        assert torch.allclose(_Pool(f)(x), torch.nn.functional.avg_pool2d(x, f), atol=1e-6)
+
+
+def test_bn_folding_keeps_the_function(tiny_cnn):
+    from dynray.models.fuse import fused_copy
+
+    tiny_cnn.train()
+    tiny_cnn(torch.rand(16, 1, 28, 28))  # move the BatchNorm statistics off their defaults
+    tiny_cnn.eval()
+    fused = fused_copy(tiny_cnn)
+    x = torch.rand(8, 1, 28, 28)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert torch.allclose(fused.forward_full(x), tiny_cnn.forward_full(x), atol=1e-5)
+    assert fused.mac_profile == tiny_cnn.mac_profile

@@ -1,0 +1,108 @@
+"""The `dynray` CLI and every `python -m jobs.*` entrypoint, run as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.smoke
+ROOT = Path(__file__).resolve().parents[2]
+DYNRAY = str(Path(sys.executable).with_name("dynray"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    home = tmp_path_factory.mktemp("dynray_home")
+    e = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    e.update(DYNRAY_HOME=str(home), DYNRAY_DATA=str(home / "data"), PYTHONUNBUFFERED="1")
+    return e
+
+
+def run(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "bench.json"
+    p = run([DYNRAY, "demo", "--epochs", "1", "--workers", "1", "--max-drop", "0.02", "--json", str(out)], env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p, out
+
+
+def test_demo_runs_end_to_end_on_a_small_configuration(demo):
+    p, out = demo
+    assert "[3/3]" in p.stdout and "MAC saving" in p.stdout
+    core = json.loads(out.read_text())["core"]
+    assert core["dataset"] == "mnist-5k" and core["n_test"] == 1000
+    assert core["macs_adaptive"] < core["macs_full"]
+    assert Path(core["plot"]).exists()
+
+
+def test_models_list_show_promote(demo, env):
+    p = run([DYNRAY, "models", "list"], env)
+    assert p.returncode == 0 and "dynnet-mnist-5k:v2" in p.stdout and "production" in p.stdout
+    p = run([DYNRAY, "models", "show", "production"], env)
+    meta = json.loads(p.stdout)
+    assert meta["version"] == 2 and meta["parent"] == "dynnet-mnist-5k:v1" and meta["thresholds"]["thresholds"]
+    p = run([DYNRAY, "models", "promote", "dynnet-mnist-5k:v1", "staging"], env)
+    assert p.returncode == 0 and "staging" in p.stdout
+
+
+def test_job_entrypoints(demo, env, tmp_path):
+    p = run([sys.executable, "-m", "jobs.train", "--epochs", "1", "--workers", "1", "--name", "jobs-smoke"], env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "registered jobs-smoke:v1" in p.stdout
+    p = run([sys.executable, "-m", "jobs.calibrate", "--model", "jobs-smoke", "--macs-budget", "1000000"], env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "registered jobs-smoke:v2" in p.stdout
+    out = tmp_path / "b.json"
+    p = run([sys.executable, "-m", "jobs.bench", "core", "--model", "jobs-smoke:v2", "--json", str(out)], env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(out.read_text())["core"]["macs_adaptive"] <= 1_000_000 * 1.5
+
+
+def test_finetune_registers_a_child(demo, env):
+    p = run([DYNRAY, "finetune", "--model", "dynnet-mnist-5k:v2", "--epochs", "1", "--workers", "1", "--gradual", "--name", "ft"], env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    meta = json.loads(run([DYNRAY, "models", "show", "ft"], env).stdout)
+    assert meta["parent"] == "dynnet-mnist-5k:v2" and meta["training"]["finetune"]["gradual"] is True
+
+
+def _models(env: dict) -> list[str]:
+    return sorted(p.name for p in (Path(env["DYNRAY_HOME"]) / "models").glob("*/v*"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--dataset", "mnist5k", "--epochs", "1"], "did you mean mnist-5k"),
+        (["train", "--dataset", "cifar10", "--epochs", "1"], "DYNRAY_DOWNLOAD"),
+        (["bench", "core", "--model", "nosuch", "--json", "x.json"], "unknown model"),
+        (["bench", "core", "--model", "dynnet-mnist-5k:v9", "--json", "x.json"], "unknown version"),
+        (["calibrate", "--model", "dynnet-mnist-5k:v1", "--macs-budget", "10"], "MAC budget"),
+        (["calibrate", "--model", "dynnet-mnist-5k:v1", "--max-drop", "-1"], "impossible"),
+        (["bench", "security", "--json", "x.json"], "not built yet"),
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_2(demo, env, args, message):
+    before = _models(env)
+    p = run([DYNRAY, *args], env)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert _models(env) == before  # nothing half-written in the registry
+
+
+def test_tampered_checkpoint_is_refused(demo, env):
+    f = Path(env["DYNRAY_HOME"]) / "models" / "dynnet-mnist-5k" / "v1" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    f.write_bytes(bytes(data))
+    p = run([DYNRAY, "bench", "core", "--model", "dynnet-mnist-5k:v1", "--json", "x.json"], env)
+    assert p.returncode == 2 and "model.safetensors" in p.stderr and "Traceback" not in p.stderr

@@ -1,0 +1,60 @@
+"""`ray job submit -- python -m jobs.train` against a real `ray start --head` cluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.smoke
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_runs_as_a_submitted_ray_job(tmp_path):
+    home = tmp_path / "home"
+    port, dash = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # the job's `python` resolves through the PATH of `ray start` (RAY_NOTES §7)
+    env.update(PATH=f"{BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="token")
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
+         "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", dash), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(1)
+        p = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", f"--address={address}", "--working-dir=.",
+             f'--runtime-env-json={{"env_vars": {{"DYNRAY_HOME": "{home}"}}, "excludes": [".venv", ".dynray", ".git", "out"]}}',
+             "--", "python", "-m", "jobs.train", "--epochs", "1", "--workers", "1", "--name", "submitted"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+        )
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        assert "registered submitted:v1" in p.stdout
+        assert (home / "models" / "submitted" / "v1" / "model.safetensors").exists()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
