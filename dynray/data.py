@@ -168,7 +168,7 @@ def load_dataset(name: str, split: str, *, root: str | Path | None = None,
         raise ConfigError(f"unknown split of dataset {name!r}", got=split, fix=f"use one of {', '.join(SPLITS)}")
     root_path = Path(root).expanduser() if root is not None else data_root()
     do_download = _resolve_download(download)
-    log.info("loading %s/%s (root=%s, download=%s)", name, split, root_path, do_download)
+    log.debug("loading %s/%s (root=%s, download=%s)", name, split, root_path, do_download)
     images, labels = loader(spec, split, root_path, do_download)  # [N, C, H, W] f32, [N] i64
     out = Split(name=name, split=split, images=images, labels=labels, num_classes=spec.num_classes)
     if out.input_shape != spec.input_shape:

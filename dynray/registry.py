@@ -247,7 +247,7 @@ class ModelRegistry:
                 with self._lock(), contextlib.suppress(OSError):
                     name_dir.rmdir()  # only succeeds if empty
             raise
-        log.info("registered %s:v%d at %s", name, version, target)
+        log.debug("registered %s:v%d at %s", name, version, target)
         return self._read_info(name, version)
 
     def promote(self, ref: str, stage: str) -> ModelInfo:
@@ -260,7 +260,7 @@ class ModelRegistry:
             previous = stages.get(stage)
             stages[stage] = info.ref
             self._write_stages(stages)
-        log.info("promoted %s to %s (was %s)", info.ref, stage, previous)
+        log.debug("promoted %s to %s (was %s)", info.ref, stage, previous)
         return self._read_info(info.name, info.version)
 
     # ----------------------------------------------------------------------------- reading

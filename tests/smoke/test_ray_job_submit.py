@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,19 +31,23 @@ def test_train_runs_as_a_submitted_ray_job(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # the job's `python` resolves through the PATH of `ray start` (RAY_NOTES §7)
     env.update(PATH=f"{BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="token")
+    # a short temp dir: Ray's unix socket paths must stay under 107 characters
+    ray_tmp = tempfile.mkdtemp(prefix="dr-", dir="/tmp")
+    head_log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - closed in finally
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
-         "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+         "--include-dashboard=true", f"--temp-dir={ray_tmp}"],
+        cwd=ROOT, env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
+        deadline = time.time() + 90
+        while True:
             try:
                 socket.create_connection(("127.0.0.1", dash), timeout=1).close()
                 break
             except OSError:
+                assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
                 time.sleep(1)
         p = subprocess.run(
             [str(BIN / "ray"), "job", "submit", f"--address={address}", "--working-dir=.",
@@ -58,3 +64,5 @@ def test_train_runs_as_a_submitted_ray_job(tmp_path):
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        head_log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
