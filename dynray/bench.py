@@ -169,6 +169,13 @@ def plot_tradeoff(rec: ExitRecords, rule: ThresholdRule, section: dict, path: st
     ax.scatter([section["macs_full"] / 1e6], [section["accuracy_full"]], color="black", marker="s", zorder=3, label="full network")
     ax.scatter([section["macs_oracle"] / 1e6], [section["accuracy_oracle"]], color="tab:green", marker="*", s=120, zorder=3, label="oracle")
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    lo, hi = min(m for m, _ in sweep) / 1e6, section["macs_full"] / 1e6
+    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if lo / 2 <= t <= hi * 2]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("mean MACs per sample (millions, log scale)")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{section['model']} on {section['dataset']}: {section['macs_saving']:.1f}x fewer MACs")

@@ -49,12 +49,14 @@ def test_train_runs_as_a_submitted_ray_job(tmp_path):
             except OSError:
                 assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
                 time.sleep(1)
-        p = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", f"--address={address}", "--working-dir=.",
-             f'--runtime-env-json={{"env_vars": {{"DYNRAY_HOME": "{home}"}}, "excludes": [".venv", ".dynray", ".git", "out"]}}',
-             "--", "python", "-m", "jobs.train", "--epochs", "1", "--workers", "1", "--name", "submitted"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
-        )
+        submit = [str(BIN / "ray"), "job", "submit", f"--address={address}", "--working-dir=.",
+                  f'--runtime-env-json={{"env_vars": {{"DYNRAY_HOME": "{home}"}}, "excludes": [".venv", ".dynray", ".git", "out"]}}',
+                  "--", "python", "-m", "jobs.train", "--epochs", "1", "--workers", "1", "--name", "submitted"]
+        for _ in range(30):  # the dashboard answers before its job agent is ready
+            p = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+            if "No available agent" not in p.stdout + p.stderr:
+                break
+            time.sleep(2)
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
         assert "registered submitted:v1" in p.stdout
         assert (home / "models" / "submitted" / "v1" / "model.safetensors").exists()
