@@ -42,7 +42,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
 
     r = calibrate.run(a)
     c = r["calibration"]
-    print(f"registered {r['model']}: thresholds {[round(t, 4) for t in r['rule']['thresholds']]} ({r['rule']['confidence']}, complexity weight {r['rule']['complexity_weight']})")
+    print(f"registered {r['model']}: thresholds {[round(t, 4) for t in r['rule']['thresholds']]} ({r['rule']['confidence']}, complexity weight {r['rule']['complexity_weight']}, agreement bonus {r['rule']['agreement_bonus']})")
     print(f"  val accuracy {c['val_accuracy']:.4f} vs last exit {c['val_reference_accuracy']:.4f}; {c['val_macs_saving']:.2f}x fewer MACs; exits {[round(f, 3) for f in c['val_exit_fractions']]}")
     for s in c["sensitivity"]:
         print(f"  exit {s['exit'] + 1}: tau {s['threshold']:.4f}  d(acc)/d(tau) {s['d_accuracy_d_threshold']:+.4f}  d(MACs)/d(tau) {s['d_macs_d_threshold']:+,.0f}")

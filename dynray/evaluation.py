@@ -9,6 +9,7 @@ all use this; a test checks it against :meth:`DynamicNet.forward_exits`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -31,10 +32,14 @@ class ExitRecords:
     def num_exits(self) -> int:
         return self.logits.shape[0]
 
-    @property
+    @cached_property
     def correct(self) -> torch.Tensor:
         """[K, N] bool: exit k classifies sample n correctly."""
         return self.logits.argmax(dim=2) == self.labels.unsqueeze(0)
+
+    def prev_pred(self, k: int) -> torch.Tensor | None:
+        """[N] prediction of exit k-1 (None for the first exit)."""
+        return self.logits[k - 1].argmax(dim=1) if k > 0 else None
 
     def exit_accuracy(self) -> list[float]:
         return self.correct.float().mean(dim=1).tolist()
@@ -84,7 +89,7 @@ def outcome_from_exits(rec: ExitRecords, exit_index: torch.Tensor) -> Outcome:
 def simulate(rec: ExitRecords, rule: StopRule) -> Outcome:
     """Exits a stop rule would choose, from cached outputs (identical to forward_exits)."""
     k_last = rec.num_exits - 1
-    stops = [rule.stop(k, rec.logits[k], rec.complexity) for k in range(k_last)]
+    stops = [rule.stop(k, rec.logits[k], rec.complexity, rec.prev_pred(k)) for k in range(k_last)]
     stops.append(torch.ones(rec.labels.shape[0], dtype=torch.bool))
     s = torch.stack(stops).to(torch.int8)  # [K, N]
     exit_index = s.argmax(dim=0)  # first exit whose rule says stop

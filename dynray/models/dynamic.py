@@ -29,12 +29,13 @@ class StopRule(Protocol):
     """Decides, per sample, whether to leave at exit ``k``.
 
     logits: [b, C] of the running samples at exit k; complexity: [b, F] normalised
-    features of the same samples. Returns a bool mask [b]. The last exit always stops.
+    features of the same samples; prev_pred: [b] int64 argmax of exit k-1 for the same
+    samples (None at the first exit). Returns a bool mask [b]. The last exit always stops.
     A rule with ``uses_complexity = False`` gets an empty [b, 0] complexity tensor, and the
     model skips computing the features.
     """
 
-    def stop(self, k: int, logits: torch.Tensor, complexity: torch.Tensor) -> torch.Tensor: ...
+    def stop(self, k: int, logits: torch.Tensor, complexity: torch.Tensor, prev_pred: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class StopAtExit:
     exit: int = -1
     uses_complexity = False
 
-    def stop(self, k: int, logits: torch.Tensor, complexity: torch.Tensor) -> torch.Tensor:
+    def stop(self, k: int, logits: torch.Tensor, complexity: torch.Tensor, prev_pred: torch.Tensor | None = None) -> torch.Tensor:
         return torch.full((logits.shape[0],), k == self.exit, dtype=torch.bool)
 
 
@@ -121,6 +122,7 @@ class DynamicNet(nn.Module):
         uses_cx = getattr(stop_rule, "uses_complexity", True)
         b_cx = self.complexity(x) if uses_cx else x.new_zeros(n, 0)  # [b, F]
         h = x
+        b_prev: torch.Tensor | None = None  # [b] previous exit's prediction
         seen: list[int] = []
         last = self.num_exits - 1
         for k, (stage, head) in enumerate(zip(self.stages, self.exits, strict=True)):
@@ -130,7 +132,8 @@ class DynamicNet(nn.Module):
             if k == last:
                 logits_out[b_idx] = b_logits
                 break
-            stop = stop_rule.stop(k, b_logits, b_cx)  # [b] bool
+            stop = stop_rule.stop(k, b_logits, b_cx, b_prev)  # [b] bool
+            b_prev = b_logits.argmax(dim=1)  # [b] for the next exit's agreement check
             stop_idx = stop.nonzero().squeeze(1)  # integer indices: index_select beats bool masks
             if stop_idx.numel():
                 done = b_idx.index_select(0, stop_idx)
@@ -141,6 +144,7 @@ class DynamicNet(nn.Module):
                     break
                 # compaction: only the samples still running enter stage k+1
                 b_idx, h, b_cx = b_idx.index_select(0, keep_idx), h.index_select(0, keep_idx), b_cx.index_select(0, keep_idx)
+                b_prev = b_prev.index_select(0, keep_idx)
         return ExitOutput(logits=logits_out, exit_index=exit_out, macs=self._cum_macs[exit_out], stage_batch=tuple(seen))
 
     @torch.no_grad()

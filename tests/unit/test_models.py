@@ -91,7 +91,7 @@ class _IndexRule:
     def __init__(self, stop_at):
         self.stop_at = stop_at
 
-    def stop(self, k, logits, complexity):
+    def stop(self, k, logits, complexity, prev_pred=None):
         m = torch.zeros(logits.shape[0], dtype=torch.bool)
         m[: self.stop_at.get(k, 0)] = True
         return m
@@ -102,10 +102,10 @@ def test_forward_exits_equals_simulation_on_cached_outputs(tiny_cnn):
     y = torch.randint(0, 10, (200,), generator=torch.Generator().manual_seed(4))
     tiny_cnn.complexity.fit(x)
     rec = collect_exit_outputs(tiny_cnn, x, y)
-    probe = ThresholdRule(thresholds=(0.0, 0.0), complexity_weight=0.1)
+    probe = ThresholdRule(thresholds=(0.0, 0.0), complexity_weight=0.1, agreement_bonus=0.1)
     # medians of the untrained model's scores: about half the samples stop at each exit
-    taus = tuple(float(probe.score(k, rec.logits[k], rec.complexity).median()) for k in range(2))
-    rule = ThresholdRule(thresholds=taus, complexity_weight=0.1)
+    taus = tuple(float(probe.score(k, rec.logits[k], rec.complexity, rec.prev_pred(k)).median()) for k in range(2))
+    rule = ThresholdRule(thresholds=taus, complexity_weight=0.1, agreement_bonus=0.1)
     out = tiny_cnn.forward_exits(x, rule)
     sim = simulate(rec, rule)
     assert 0 < int((out.exit_index == 0).sum()) < 200  # a real mix of exits
