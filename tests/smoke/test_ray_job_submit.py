@@ -27,7 +27,8 @@ def _free_port() -> int:
 
 def test_train_runs_as_a_submitted_ray_job(tmp_path):
     home = tmp_path / "home"
-    port, dash = _free_port(), _free_port()
+    # every port this head opens is picked free: the session's own Ray (tests/ray) holds the defaults
+    port, dash, agent, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # the job's `python` resolves through the PATH of `ray start` (RAY_NOTES §7)
     env.update(PATH=f"{BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="token")
@@ -36,7 +37,8 @@ def test_train_runs_as_a_submitted_ray_job(tmp_path):
     head_log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - closed in finally
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
-         "--include-dashboard=true", f"--temp-dir={ray_tmp}"],
+         "--include-dashboard=true", f"--temp-dir={ray_tmp}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}"],
         cwd=ROOT, env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
@@ -52,9 +54,10 @@ def test_train_runs_as_a_submitted_ray_job(tmp_path):
         submit = [str(BIN / "ray"), "job", "submit", f"--address={address}", "--working-dir=.",
                   f'--runtime-env-json={{"env_vars": {{"DYNRAY_HOME": "{home}"}}, "excludes": [".venv", ".dynray", ".git", "out"]}}',
                   "--", "python", "-m", "jobs.train", "--epochs", "1", "--workers", "1", "--name", "submitted"]
-        for _ in range(30):  # the dashboard answers before its job agent is ready
+        give_up = time.time() + 90
+        while True:  # the dashboard answers before its job agent is ready
             p = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-            if "No available agent" not in p.stdout + p.stderr:
+            if "No available agent" not in p.stdout + p.stderr or time.time() > give_up:
                 break
             time.sleep(2)
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
