@@ -18,13 +18,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +34,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save_file as st_save_file
 
 from dynray.errors import IntegrityError, RegistryError, UnknownNameError
+from dynray.fileio import fsync_path as _fsync_path
+from dynray.fileio import git_commit as _git_commit
+from dynray.fileio import sha256_bytes as _sha256
+from dynray.fileio import sha256_file as _sha256_file
+from dynray.fileio import write_durable as _write_durable
 
 __all__ = ["ModelRegistry", "ModelInfo", "LoadedModel", "STAGES", "default_home"]
 
@@ -51,7 +54,6 @@ _VERSION_DIR_RE = re.compile(r"v([1-9][0-9]*)")
 _REF_VERSION_RE = re.compile(r"v?([1-9][0-9]*)")
 _CANONICAL_REF_RE = re.compile(r"[a-z0-9][a-z0-9._-]*:v[1-9][0-9]*")
 _MAX_RENAME_TRIES = 100
-_GIT_TIMEOUT_S = 2.0
 _TRAIN_FIX = "run `dynray train --dataset mnist-5k` (or `make demo`) to train and register a model"
 _INTEGRITY_FIX = "re-register the model: dynray train …, or restore the file from backup"
 _REF_FIX = "use NAME, NAME:vN, NAME:N, production or staging"
@@ -91,48 +93,6 @@ class LoadedModel:
     """The version's info, built from the verified ``meta.json``."""
     tensors: dict[str, torch.Tensor]
     """The stored tensors, by key."""
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or directory so a rename never exposes unwritten data after a crash."""
-    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _git_commit() -> str | None:
-    """``git rev-parse HEAD`` in the cwd, best effort: None on any failure, never raises."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=_GIT_TIMEOUT_S, check=False,
-        )
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
 
 
 def _validate_name(name: object) -> str:
