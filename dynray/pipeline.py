@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from dynray.bench import CoreBenchConfig, bench_core, merge_section
-from dynray.data import load_dataset
+from dynray.data import Split, load_dataset
 from dynray.evaluation import collect_exit_outputs, simulate
 from dynray.store import load_model, save_model
 from dynray.models.config import config_to_dict
@@ -36,10 +36,15 @@ def _train_summary(cfg: TrainConfig) -> dict:
 
 
 def train_and_register(
-    cfg: TrainConfig, registry: ModelRegistry, *, name: str | None = None, parent: str | None = None, init_state: dict[str, torch.Tensor] | None = None
+    cfg: TrainConfig, registry: ModelRegistry, *, name: str | None = None, parent: str | None = None,
+    init_state: dict[str, torch.Tensor] | None = None, val: Split | None = None,
 ) -> tuple[ModelInfo, TrainOutcome]:
-    """Train with Ray Train, evaluate on val and register the model with default thresholds."""
-    val = load_dataset(cfg.dataset, "val", root=cfg.data_root)  # missing files fail here, not in a worker
+    """Train with Ray Train, evaluate on val and register the model with default thresholds.
+
+    ``val`` may be passed by a caller that already loaded it (as a pre-flight check).
+    """
+    if val is None:
+        val = load_dataset(cfg.dataset, "val", root=cfg.data_root)  # missing files fail here, not in a worker
     outcome = fit(cfg, init_state=init_state)
     rec = collect_exit_outputs(outcome.model, val.images, val.labels)
     rule = ThresholdRule(thresholds=(cfg.threshold_end,) * (outcome.model.num_exits - 1))

@@ -55,9 +55,9 @@ def run(a: argparse.Namespace, *, finetune: FinetuneConfig | None = None, init_r
         stored = load_model(registry, init_ref)
         init_state, parent = stored.model.state_dict(), stored.info.ref
         cfg = TrainConfig(**{**cfg.__dict__, "model": stored.model.cfg})
-    load_dataset(cfg.dataset, "val", root=cfg.data_root)  # missing files: one clear error before Ray starts
+    val = load_dataset(cfg.dataset, "val", root=cfg.data_root)  # missing files: one clear error before Ray starts
     connect(num_cpus=max(2, cfg.workers))
-    info, outcome = train_and_register(cfg, registry, name=a.name, parent=parent, init_state=init_state)
+    info, outcome = train_and_register(cfg, registry, name=a.name, parent=parent, init_state=init_state, val=val)
     return {"model": info.ref, "metrics": info.meta["metrics"], "seconds": outcome.seconds}
 
 
