@@ -18,6 +18,8 @@ __all__ = [
     "IntegrityError",
     "InputValidationError",
     "CalibrationError",
+    "RequestError",
+    "ServingError",
 ]
 
 
@@ -80,3 +82,21 @@ class InputValidationError(DynrayError, ValueError):
 
 class CalibrationError(DynrayError, ValueError):
     """A calibration target cannot be met on the validation split."""
+
+
+class RequestError(InputValidationError):
+    """An HTTP request the server refuses; ``status`` is the 4xx code to answer with.
+
+    400 malformed body, 413 too large or too many items, 415 wrong content type,
+    422 well-formed but invalid values (shape, dtype, NaN/Inf).
+    """
+
+    def __init__(self, what: str, *, status: int, got: object = None, fix: str = "") -> None:
+        if not 400 <= status < 500:
+            raise ValueError(f"RequestError status must be a 4xx code, got {status}")
+        self.status = status
+        super().__init__(what, got=got, fix=fix)
+
+
+class ServingError(DynrayError):
+    """The serving graph cannot be started, reached or stopped as asked."""

@@ -1,0 +1,273 @@
+"""The Serve application: FastAPI ingress -> edge tier -> cloud tier, built by ``build_app``.
+
+``build_app(args)`` composes deployments through handles (Serve's graph *is* deployments
+bound to each other). ``args.system`` picks the dynray graph or one of the baselines the
+serving benchmark compares against: ``all_cloud`` (the plain full model on one cloud
+deployment), ``edge_only`` (the plain full model on the edge tier) and ``noop`` (the
+overhead floor). The ingress only wires things: request decoding is
+:mod:`dynray.payload`, routing and failover :mod:`dynray.failover`, the A/B split
+:mod:`dynray.traffic`.
+"""
+
+import asyncio
+import logging
+import os
+import time
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Histogram
+
+from actors.device import Device
+from dynray import metrics as M
+from dynray.errors import DynrayError, RequestError
+from dynray.failover import DeviceCall, FailoverConfig, Orchestrator
+from dynray.payload import ErrorResponse, PayloadLimits, PredictRequest, PredictResponse, decode_request
+from dynray.registry import ModelRegistry
+from dynray.scheduling import NoDeviceAvailable, get_policy, request_cost
+from dynray.serving import CLOUD, EDGE, INGRESS, NOOP, AppArgs, IngressUserConfig, TierArgs
+from dynray.traffic import TrafficSplit
+
+__all__ = ["build_app", "Ingress", "Noop", "api"]
+
+log = logging.getLogger(__name__)
+ROUTERS = ("thresholds",)  # stop rules a request may ask for; the learned router arrives with its issue
+RETRY_AFTER_S = 1
+
+api = FastAPI(
+    title="dynray",
+    description="Adaptive inference: easy inputs leave at an edge exit, hard ones are escalated to the cloud tier.",
+    version="0.1.0",
+)
+
+
+def _home(home: str | None) -> str:
+    return os.path.abspath(home or os.environ.get("DYNRAY_HOME", ".dynray"))
+
+
+def _device_call(handle: DeploymentHandle) -> DeviceCall:
+    async def call(req):
+        resp = handle.run.remote(req)
+        try:
+            return await resp
+        except asyncio.CancelledError:  # a timeout abandoned it: stop the work on the replica (RAY_NOTES §1d)
+            resp.cancel()
+            raise
+
+    return call
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+@serve.ingress(api)
+class Ingress:
+    """HTTP API of DESIGN.md: validation, A/B split, scheduling, failover, metrics."""
+
+    def __init__(self, args: dict, edge: DeploymentHandle | None = None, cloud: DeploymentHandle | None = None) -> None:
+        self.args = AppArgs.model_validate(args)
+        self.handles = {"edge": edge, "cloud": cloud}
+        self.policy = get_policy(self.args.policy)
+        self.orch: Orchestrator | None = None
+        self.split: TrafficSplit | None = None
+        self.limits: PayloadLimits | None = None
+        self._requests = Counter(M.REQUESTS, description="answered predict requests", tag_keys=(M.TAG_VERSION, M.TAG_PATH))
+        self._samples = Counter(M.SAMPLES, description="answered samples", tag_keys=(M.TAG_VERSION, M.TAG_TIER))
+        self._escalated = Counter(M.ESCALATED, description="samples escalated to the cloud", tag_keys=(M.TAG_VERSION,))
+        self._degraded = Counter(M.DEGRADED, description="samples answered degraded", tag_keys=(M.TAG_VERSION,))
+        self._unavailable = Counter(M.FAILOVERS, description="requests answered 503")
+        self._rejected = Counter(M.REJECTED, description="4xx answers", tag_keys=(M.TAG_STATUS,))
+        self._latency = Histogram(M.LATENCY_MS, description="ingress latency", boundaries=M.LATENCY_BOUNDARIES_MS, tag_keys=(M.TAG_VERSION,))
+        self._status_cache: tuple[float, dict] = (0.0, {})
+
+    def reconfigure(self, user_config: dict) -> None:
+        """New versions or split: resolve refs, check they agree, rebuild the plan (no restart)."""
+        cfg = IngressUserConfig(**user_config)
+        reg = ModelRegistry(_home(cfg.home or self.args.home))
+        infos = [reg.resolve(ref) for ref in cfg.models]
+        shapes = {tuple(i.meta["config"]["input_shape"]) for i in infos}
+        if len(shapes) != 1:
+            raise DynrayError("served versions must share one input shape", got=sorted(shapes), fix="serve models trained on the same dataset")
+        macs = infos[0].meta["macs"]
+        k = self.args.edge_stages
+        cum_edge = sum(macs["stage"][:1]) + macs["exit"][0]  # start estimate: every sample leaves at the first exit
+        self.split = TrafficSplit.of([i.ref for i in infos], cfg.weights)
+        self.limits = PayloadLimits(input_shape=shapes.pop(), max_items=self.args.max_items, max_body_bytes=self.args.max_body_bytes)
+        self.profiles = {t: getattr(self.args, t).device_profile(t) for t in ("edge", "cloud")}
+        self.orch = Orchestrator(
+            FailoverConfig(deadline_s=self.args.deadline_ms / 1000, edge_timeout_s=self.args.edge_timeout_ms / 1000, cloud_timeout_s=self.args.cloud_timeout_ms / 1000),
+            self.policy,
+            edge=_device_call(self.handles["edge"]) if self.handles["edge"] else None,
+            cloud=_device_call(self.handles["cloud"]) if self.handles["cloud"] else None,
+            edge_stages=k,
+            edge_macs=cum_edge,
+            cloud_rest_macs=sum(macs["stage"][k:]) + sum(macs["exit"][k:]),
+            full_macs=macs["full"],
+            profiles=self.profiles,
+        )
+
+    @api.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses={s: {"model": ErrorResponse} for s in (400, 413, 415, 422, 503)},
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}},
+    )
+    async def predict(self, request: Request) -> JSONResponse:
+        t0 = time.perf_counter()
+        try:
+            declared = int(request.headers.get("content-length") or 0)
+            if declared > self.limits.max_body_bytes:  # refuse before reading a huge body
+                raise RequestError("request body too large", status=413, got=declared, fix=f"send at most {self.limits.max_body_bytes} bytes; split the batch")
+            dec = decode_request(await request.body(), request.headers.get("content-type"), self.limits)
+            if dec.router is not None and dec.router not in ROUTERS:
+                raise RequestError("unknown router", status=422, got=dec.router, fix=f"use one of {', '.join(ROUTERS)} or omit it")
+            version = self.split.pick(dec.model_version)
+        except RequestError as e:
+            self._rejected.inc(tags={M.TAG_STATUS: str(e.status)})
+            return _error(e.status, e.message)
+        try:
+            ans = await self.orch.answer(dec.images, version)
+        except NoDeviceAvailable as e:
+            self._unavailable.inc()
+            return _error(503, e.message, {"Retry-After": str(RETRY_AFTER_S)})
+        probs = torch.softmax(ans.logits, dim=1)
+        macs_by_tier = {t: m.double() for t, m in ans.macs.items()}
+        total_macs = sum(macs_by_tier.values())
+        cost = request_cost({t: float(m.sum()) for t, m in macs_by_tier.items()}, self.profiles)
+        self._record(version, ans)
+        latency_ms = (time.perf_counter() - t0) * 1000
+        self._latency.observe(latency_ms, tags={M.TAG_VERSION: version})
+        return JSONResponse(
+            {
+                "predictions": probs.argmax(dim=1).tolist(),
+                "probabilities": probs.tolist(),
+                "exit": ans.exit_index.tolist(),
+                "tier": ans.tier,
+                "model_version": version,
+                "degraded": bool(ans.degraded.any()),
+                "latency_ms": latency_ms,
+                "degraded_mask": ans.degraded.tolist(),
+                "macs": total_macs.long().tolist(),
+                "cost": cost,
+                "path": ans.path,
+            }
+        )
+
+    def _record(self, version: str, ans) -> None:
+        self.split.record(version)
+        self._requests.inc(tags={M.TAG_VERSION: version, M.TAG_PATH: ans.path})
+        for tier in set(ans.tier):
+            self._samples.inc(ans.tier.count(tier), tags={M.TAG_VERSION: version, M.TAG_TIER: tier})
+        if ans.escalated:
+            self._escalated.inc(ans.escalated, tags={M.TAG_VERSION: version})
+        n_deg = int(ans.degraded.sum())
+        if n_deg:
+            self._degraded.inc(n_deg, tags={M.TAG_VERSION: version})
+
+    def _deployments(self) -> dict:
+        """Replica states per deployment from the controller, cached for a second."""
+        at, cached = self._status_cache
+        if time.monotonic() - at < 1.0:
+            return cached
+        app = serve.get_replica_context().app_name
+        out = {}
+        try:
+            for name, d in serve.status().applications[app].deployments.items():
+                out[name] = {"status": str(d.status.value), "replicas": {str(k.value): v for k, v in d.replica_states.items()}}
+        except Exception as e:  # noqa: BLE001 - health must answer even if the controller is busy
+            log.warning("serve.status() failed: %s", e)
+        self._status_cache = (time.monotonic(), out)
+        return out
+
+    @api.get("/v1/health")
+    async def health(self) -> JSONResponse:
+        deps = self._deployments()
+        tiers = {}
+        for tier, name in (("edge", EDGE), ("cloud", CLOUD)):
+            if self.handles[tier] is None:
+                continue
+            running = deps.get(name, {}).get("replicas", {}).get("RUNNING", 0)
+            tiers[tier] = {"up": running > 0 and self.orch.views[tier].available(time.monotonic()), "replicas": running}
+        ready = self.orch is not None and any(t["up"] for t in tiers.values())
+        body = {"status": "ok" if ready else "unavailable", "ready": ready, "tiers": tiers, "deployments": deps}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @api.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        return JSONResponse({**self.split.describe(), "system": self.args.system, "policy": self.args.policy, "edge_stages": self.args.edge_stages})
+
+
+@serve.deployment(name=NOOP, max_ongoing_requests=64, graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=1)
+class Noop:
+    """The overhead floor: reads the body and answers a constant, with no model."""
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        await request.body()
+        return JSONResponse({"predictions": [0]})
+
+
+def _device(tier: str, name: str, t: TierArgs, args: AppArgs, home: str, *, last_stage: int | None, full: bool):
+    opts = dict(
+        name=name,
+        max_ongoing_requests=t.max_ongoing_requests,
+        autoscaling_config={
+            "min_replicas": t.min_replicas,
+            "max_replicas": t.max_replicas,
+            "initial_replicas": t.initial_replicas or max(t.min_replicas, 1),
+            "target_ongoing_requests": t.target_ongoing_requests,
+            "upscale_delay_s": 3.0,
+            "downscale_delay_s": 30.0,
+        },
+        ray_actor_options={"num_cpus": t.num_cpus, "resources": t.resources or {tier: 1}},
+        health_check_period_s=args.health_check_period_s,
+        health_check_timeout_s=10.0,
+        graceful_shutdown_wait_loop_s=0.1,
+        graceful_shutdown_timeout_s=1.0,
+        user_config={"models": list(args.models), "home": home},
+        request_router_config=RequestRouterConfig(
+            request_router_class="actors.routing:LoadAwareRouter",
+            request_router_kwargs={"policy": args.policy},
+            request_routing_stats_period_s=args.routing_stats_period_s,
+        ),
+    )
+    return serve.deployment(**opts)(Device).bind(
+        profile=t.device_profile(tier).to_dict(),
+        last_stage=last_stage,
+        full=full,
+        simulate=args.simulate,
+        threads=t.threads,
+        max_batch_size=t.max_batch_size,
+        batch_wait_ms=t.batch_wait_ms,
+    )
+
+
+def build_app(args: AppArgs | dict):
+    """Serve application builder (``import_path: actors.app:build_app``)."""
+    args = AppArgs.model_validate(args) if not isinstance(args, AppArgs) else args
+    if args.system == "noop":
+        return Noop.bind()
+    home = _home(args.home)
+    args = args.model_copy(update={"home": home})
+    edge = cloud = None
+    if args.system == "dynray":
+        edge = _device("edge", EDGE, args.edge, args, home, last_stage=args.edge_stages, full=False)
+        cloud = _device("cloud", CLOUD, args.cloud, args, home, last_stage=None, full=False)
+    elif args.system == "all_cloud":
+        cloud = _device("cloud", CLOUD, args.cloud, args, home, last_stage=None, full=True)
+    else:  # edge_only: the plain full model on edge devices
+        edge = _device("edge", EDGE, args.edge, args, home, last_stage=None, full=True)
+    ingress = serve.deployment(
+        name=INGRESS,
+        num_replicas=args.ingress_replicas,
+        max_ongoing_requests=args.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+        user_config={"models": list(args.models), "weights": args.weights, "home": home},
+        graceful_shutdown_wait_loop_s=0.1,
+        graceful_shutdown_timeout_s=1.0,
+    )(Ingress)
+    return ingress.bind(args.model_dump(), edge, cloud)

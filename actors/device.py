@@ -1,0 +1,174 @@
+"""One edge or cloud device: a Ray actor / Serve replica that runs a range of stages.
+
+The same class runs as a plain Ray actor (``ray.remote(Device)``, for batch jobs and
+simulations) and as a Serve deployment replica (``actors.app`` wraps it with
+``serve.deployment``). It only wires things together: the stage execution is
+:func:`dynray.partition.run_stages`, the load bookkeeping :class:`dynray.scheduling.LoadTracker`.
+
+**Simulation parameters.** On one machine the profile's ``rtt_ms`` is injected as a
+network delay around each call (half before, half after), and its ``speed`` factor as
+extra compute time: after a batch really runs, the device stays busy for
+``compute * (1/speed - 1)`` more, inside the batch slot, so a slow device really has less
+capacity, not just more latency. ``simulate=False`` (real heterogeneous nodes) injects
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+
+import torch
+from ray import serve
+
+from dynray.errors import RegistryError, ServingError
+from dynray.partition import DeviceReply, DeviceRequest, StageRange, StageResult, concat_inputs, run_stages, split_result
+from dynray.registry import ModelRegistry
+from dynray.scheduling import DeviceProfile, LoadTracker
+from dynray.serving import DeviceUserConfig
+from dynray.store import StoredModel, load_model
+
+__all__ = ["Device"]
+
+log = logging.getLogger(__name__)
+
+
+def _replica_id() -> tuple[str, bool]:
+    """(replica id, inside Serve?)"""
+    try:
+        return serve.get_replica_context().replica_id.unique_id, True
+    except Exception:  # noqa: BLE001 - not inside Serve: a plain Ray actor (or a test)
+        import ray
+
+        return (ray.get_runtime_context().get_actor_id() or "local"), False
+
+
+def registry_home(home: str | None) -> str:
+    import os
+
+    return home or os.environ.get("DYNRAY_HOME", ".dynray")
+
+
+class Device:
+    """Hosts stages ``[first_stage, last_stage)`` (``last_stage=None``: to the end) of every served version."""
+
+    def __init__(
+        self,
+        *,
+        profile: dict,
+        first_stage: int = 0,
+        last_stage: int | None = None,
+        full: bool = False,
+        simulate: bool = True,
+        threads: int = 1,
+        max_batch_size: int = 32,
+        batch_wait_ms: float = 2.0,
+        user_config: dict | None = None,
+    ) -> None:
+        torch.set_num_threads(threads)
+        self.profile = DeviceProfile.from_dict(profile)
+        self.first_stage, self.last_stage, self.full, self.simulate = first_stage, last_stage, full, simulate
+        self.tracker = LoadTracker()
+        self.models: dict[str, StoredModel] = {}
+        self.replica, self._in_serve = _replica_id()
+        if self._in_serve:  # @serve.batch needs a replica context; plain actors batch per call
+            self._batched.set_max_batch_size(max_batch_size)
+            self._batched.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        if user_config is not None:  # plain-actor mode; Serve calls reconfigure itself
+            self.reconfigure(user_config)
+
+    # -- versions ------------------------------------------------------------------
+    def reconfigure(self, user_config: dict) -> None:
+        """Load every listed version, then swap them in at once (in-flight calls keep theirs)."""
+        cfg = DeviceUserConfig(**user_config)
+        reg = ModelRegistry(registry_home(cfg.home))
+        loaded: dict[str, StoredModel] = {}
+        for ref in cfg.models:
+            concrete = reg.resolve(ref).ref
+            sm = self.models.get(concrete) or load_model(reg, concrete)
+            self._range(sm)  # refuse a model the configured stage range does not fit
+            loaded[concrete] = sm
+        self.models = loaded
+        log.info("%s %s hosts %s", self.profile.tier, self.replica, sorted(loaded))
+
+    def versions(self) -> list[str]:
+        return sorted(self.models)
+
+    def _range(self, sm: StoredModel, start: int | None = None) -> StageRange:
+        k = sm.model.num_exits
+        stop = k if self.last_stage is None else min(self.last_stage, k)
+        first = self.first_stage if start is None else start
+        if not self.first_stage <= first < stop:
+            raise ServingError("this device does not host the requested stage", got=(first, self.first_stage, stop), fix="send the request to a device whose stage range covers it")
+        return StageRange(start=first, stop=stop, full=self.full).check(sm.model)
+
+    # -- serving -------------------------------------------------------------------
+    async def run(self, req: DeviceRequest) -> DeviceReply:
+        """Run one request (batched with concurrent ones) and report the live load."""
+        if req.version not in self.models:
+            raise RegistryError("this device does not host the requested version", got=req.version, fix=f"hosted: {', '.join(self.models) or '(none)'}; roll the version out first")
+        self.tracker.start()
+        t0 = time.perf_counter()
+        try:
+            if self.simulate:
+                await asyncio.sleep(self.profile.rtt_ms / 2000)
+            if self._in_serve:
+                self.tracker.enqueue()
+                result, ms_per_mmac = await self._batched(req)
+            else:
+                result, ms_per_mmac = (await self._compute([req]))[0]
+            if self.simulate:
+                await asyncio.sleep(self.profile.rtt_ms / 2000)
+        finally:
+            self.tracker.finish((time.perf_counter() - t0) * 1000)
+        return DeviceReply(result=result, tier=self.profile.tier, replica=self.replica, load=self.load(), ms_per_mmac=ms_per_mmac)
+
+    async def __call__(self, req: DeviceRequest) -> DeviceReply:
+        return await self.run(req)
+
+    async def run_many(self, reqs: list[DeviceRequest]) -> list[DeviceReply]:
+        """Plain-actor batch call: the requests share forwards per (version, start stage)."""
+        out = await self._compute(list(reqs))
+        return [DeviceReply(result=r, tier=self.profile.tier, replica=self.replica, load=self.load(), ms_per_mmac=m) for r, m in out]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _batched(self, reqs: list[DeviceRequest]) -> list[tuple[StageResult, float]]:
+        for _ in reqs:  # these left the queue and now hold the compute slot
+            self.tracker.dequeue()
+        return await self._compute(reqs)
+
+    async def _compute(self, reqs: list[DeviceRequest]) -> list[tuple[StageResult, float]]:
+        # one forward per (version, start stage): requests of one group share a batch
+        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for i, r in enumerate(reqs):
+            groups[(r.version, r.start)].append(i)
+        out: list[tuple[StageResult, float] | None] = [None] * len(reqs)
+        t0 = time.perf_counter()
+        macs = 0
+        for (version, start), idx in groups.items():
+            sm = self.models[version]
+            inputs = [reqs[i].inp for i in idx]
+            res = run_stages(sm.model, self._range(sm, start), concat_inputs(inputs), sm.rule)
+            macs += int(res.macs.sum())
+            for i, part in zip(idx, split_result(res, [x.h.shape[0] for x in inputs]), strict=True):
+                out[i] = (part, 0.0)
+        compute_s = time.perf_counter() - t0
+        if self.simulate:  # the device stays busy for the extra time a slower device would need
+            await asyncio.sleep(self.profile.slowdown_s(compute_s))
+        ms_per_mmac = compute_s * 1000 / max(macs / 1e6, 1e-9)
+        return [(res, ms_per_mmac) for res, _ in out]  # type: ignore[misc]
+
+    # -- load and health -----------------------------------------------------------
+    def load(self) -> dict:
+        return self.tracker.report(self.replica, self.profile, healthy=bool(self.models)).to_dict()
+
+    def record_routing_stats(self) -> dict:
+        """Serve polls this and hands it to the request router (actors.routing)."""
+        return self.load()
+
+    def check_health(self) -> None:
+        """Serve replaces the replica when this raises."""
+        if not self.models:
+            raise ServingError("device hosts no model", fix="check the registry path and user_config.models")

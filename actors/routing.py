@@ -1,0 +1,60 @@
+"""Ray Serve request router that picks device replicas with a dynray scheduling policy.
+
+Serve runs this inside every caller of a device deployment (the ingress). Each device
+replica reports its profile and load through ``record_routing_stats``; the router
+combines that with Serve's live queue-length cache (fresher than the periodic stats) and
+asks :meth:`dynray.scheduling.SchedulingPolicy.rank_replicas` for the preference ranks.
+Serve then probes the first rank and sends the request to the least-loaded replica that
+accepts it, falling back to later ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from dynray.errors import ConfigError
+from dynray.scheduling import EDGE_PROFILE, LoadReport, SchedulingPolicy, get_policy
+
+__all__ = ["LoadAwareRouter"]
+
+log = logging.getLogger(__name__)
+
+
+class LoadAwareRouter(FIFOMixin, RequestRouter):
+    """Ranks replicas by the configured policy (``request_router_kwargs={"policy": ...}``)."""
+
+    policy: SchedulingPolicy
+
+    def initialize_state(self, policy: str = "latency", **params) -> None:
+        self.policy = get_policy(policy, **params)
+
+    def _report(self, r: RunningReplica) -> LoadReport:
+        rid = r.replica_id.unique_id
+        try:
+            rep = LoadReport.from_dict(r.routing_stats)
+        except (ConfigError, TypeError):
+            # no stats yet (a replica that just started): treat it as idle
+            rep = LoadReport(replica=rid, profile=EDGE_PROFILE, in_flight=0, queue_len=0, ewma_service_ms=0.0)
+        ongoing = self.replica_queue_len_cache.get(r.replica_id)
+        if ongoing is not None:  # live count from Serve's probes beats the periodic report
+            rep = replace(rep, in_flight=ongoing, queue_len=ongoing)
+        return replace(rep, replica=rid)
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        ranks = self.policy.rank_replicas([self._report(r) for r in candidate_replicas])
+        out = [[by_id[i] for i in rank if i in by_id] for rank in ranks]
+        ranked = {i for rank in ranks for i in rank}
+        # replicas the policy dropped as unhealthy stay as a last resort: Serve's health
+        # checks, not the router, decide when a replica is gone, and an empty answer would stall
+        rest = [r for i, r in by_id.items() if i not in ranked]
+        return [rank for rank in out if rank] + ([rest] if rest else [])

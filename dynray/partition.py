@@ -1,0 +1,213 @@
+"""Run a contiguous range of DynamicNet stages: the unit of work one device executes.
+
+An edge device hosts stages ``[0, k)`` with their exits; a cloud device hosts ``[k, K)``
+or the whole model. :func:`run_stages` runs a batch through its range with the same batch
+compaction as :meth:`DynamicNet.forward_exits`. Samples the stop rule keeps running past
+the last hosted stage come back as **continuations**: the intermediate activations, the
+complexity features and the last prediction, so the next device resumes exactly where
+this one stopped and no work is redone. Each continuation also carries the logits of the
+deepest exit already evaluated, which is the degraded answer when no deeper device can
+be reached.
+
+Shape legend: B batch entering the range, b running, d done here, r continuing,
+C classes, F complexity features, K exits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dynray.errors import ConfigError
+from dynray.models.dynamic import DynamicNet, StopRule
+
+__all__ = ["StageRange", "StageInput", "StageResult", "DeviceRequest", "DeviceReply", "run_stages", "range_macs", "concat_inputs", "split_result"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageRange:
+    """A contiguous stage range ``[start, stop)`` of a DynamicNet."""
+
+    start: int
+    """First hosted stage (0 = the device takes raw images)."""
+    stop: int
+    """One past the last hosted stage."""
+    full: bool = False
+    """Static mode: run every hosted stage and only the final exit head (no early exits).
+    Only valid for the whole model; this is the plain network the baselines serve."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.stop:
+            raise ConfigError("stage range must satisfy 0 <= start < stop", got=(self.start, self.stop), fix="e.g. start=0, stop=2 for an edge device hosting the first two stages")
+        if self.full and self.start != 0:
+            raise ConfigError("full (static) mode needs the whole model", got=(self.start, self.stop), fix="use start=0 and stop=num_exits with full=True")
+
+    def check(self, model: DynamicNet) -> StageRange:
+        """Validate against a concrete model (stop <= K; full mode covers every stage)."""
+        k = model.num_exits
+        if self.stop > k or (self.full and self.stop != k):
+            raise ConfigError("stage range does not fit the model", got=(self.start, self.stop, f"model has {k} stages"), fix=f"pick 0 <= start < stop <= {k}")
+        return self
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """What enters a device: raw images (start 0) or another device's continuations."""
+
+    h: torch.Tensor  # [B, ...] images [B, C, H, W] in [0, 1] at stage 0, else activations
+    complexity: torch.Tensor | None = None  # [B, F] normalised features (None: compute or skip)
+    prev_pred: torch.Tensor | None = None  # [B] int64 argmax of the previous exit
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What one device returns for one batch (positions index the batch that entered)."""
+
+    done: torch.Tensor  # [d] int64 positions answered here
+    logits: torch.Tensor  # [d, C] logits of the exit each answered sample left at
+    exit_index: torch.Tensor  # [d] int64 global exit index
+    macs: torch.Tensor  # [B] int64 MACs this device spent on each sample
+    cont: torch.Tensor  # [r] int64 positions that must continue on the next device
+    cont_input: StageInput | None  # activations etc. of the continuing samples (None if r == 0)
+    cont_logits: torch.Tensor  # [r, C] deepest evaluated exit's logits: the degraded answer
+    cont_exit: int  # global index of that exit (-1 if the range evaluated none)
+    stage_batch: tuple[int, ...]  # samples that entered each hosted stage
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.macs.shape[0])
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """One call to a device: run ``inp`` from stage ``start`` with model ``version``."""
+
+    version: str  # concrete registry ref, name:vN
+    start: int  # first stage to run (0 = raw images)
+    inp: StageInput
+
+
+@dataclass(frozen=True)
+class DeviceReply:
+    """A device's answer to one :class:`DeviceRequest`, with its live load."""
+
+    result: StageResult
+    tier: str
+    replica: str
+    load: dict  # scheduling.LoadReport.to_dict() at reply time
+    ms_per_mmac: float  # real compute time per million MACs of the batch this ran in (before injected slowdown)
+
+
+def range_macs(model: DynamicNet, rng: StageRange) -> int:
+    """MACs per sample of one pass over the range (every stage and every hosted head)."""
+    p = model.mac_profile
+    if rng.full:
+        return sum(p.stage) + p.exit[-1]
+    return sum(p.stage[rng.start : rng.stop]) + sum(p.exit[rng.start : rng.stop])
+
+
+def _cat(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    return torch.cat(parts) if parts else empty
+
+
+@torch.no_grad()
+def run_stages(model: DynamicNet, rng: StageRange, inp: StageInput, stop_rule: StopRule) -> StageResult:
+    """Run ``inp`` through the hosted stages with batch compaction (see module docstring)."""
+    rng.check(model)
+    h = model.validate_input(inp.h) if rng.start == 0 else inp.h
+    n, last_global = h.shape[0], model.num_exits - 1
+    prof = model.mac_profile
+    macs = torch.zeros(n, dtype=torch.int64)  # [B]
+    if rng.full:
+        for stage in model.stages:
+            h = stage(h)
+        macs += range_macs(model, rng)
+        empty = torch.empty(0, dtype=torch.int64)
+        return StageResult(done=torch.arange(n), logits=model.exits[-1](h), exit_index=torch.full((n,), last_global, dtype=torch.int64), macs=macs, cont=empty, cont_input=None, cont_logits=h.new_empty(0, model.cfg.num_classes), cont_exit=-1, stage_batch=(n,) * model.num_exits)
+
+    uses_cx = getattr(stop_rule, "uses_complexity", True)
+    if inp.complexity is not None:
+        b_cx = inp.complexity
+    else:
+        # features are computed from the raw images, so only the first device can make them
+        if uses_cx and rng.start != 0:
+            raise ConfigError("this stop rule reads complexity features, which the first device must forward", got=rng, fix="forward StageResult.cont_input unchanged")
+        b_cx = model.complexity(h) if uses_cx else h.new_zeros(n, 0)
+    b_prev = inp.prev_pred
+    b_idx = torch.arange(n)  # [b] positions of the running samples
+    done_idx, done_logits, done_exit = [], [], []
+    seen: list[int] = []
+    b_logits = h.new_empty(0, model.cfg.num_classes)
+    for k in range(rng.start, rng.stop):
+        seen.append(h.shape[0])
+        h = model.stages[k](h)
+        b_logits = model.exits[k](h)  # [b, C]
+        macs.index_add_(0, b_idx, torch.full_like(b_idx, prof.stage[k] + prof.exit[k]))
+        stop = torch.ones(h.shape[0], dtype=torch.bool) if k == last_global else stop_rule.stop(k, b_logits, b_cx, b_prev)
+        b_prev = b_logits.argmax(dim=1)
+        stop_at = stop.nonzero().squeeze(1)
+        if stop_at.numel():
+            done_idx.append(b_idx.index_select(0, stop_at))
+            done_logits.append(b_logits.index_select(0, stop_at))
+            done_exit.append(torch.full((stop_at.numel(),), k, dtype=torch.int64))
+            keep = (~stop).nonzero().squeeze(1)
+            b_idx, h, b_cx, b_prev, b_logits = (t.index_select(0, keep) for t in (b_idx, h, b_cx, b_prev, b_logits))
+        if not b_idx.numel():
+            break
+    i64 = torch.empty(0, dtype=torch.int64)
+    cont_input = StageInput(h=h, complexity=b_cx, prev_pred=b_prev) if b_idx.numel() else None
+    return StageResult(
+        done=_cat(done_idx, i64),
+        logits=_cat(done_logits, b_logits.new_empty(0, model.cfg.num_classes)),
+        exit_index=_cat(done_exit, i64),
+        macs=macs,
+        cont=b_idx,
+        cont_input=cont_input,
+        cont_logits=b_logits,
+        cont_exit=rng.stop - 1 if b_idx.numel() else -1,
+        stage_batch=tuple(seen),
+    )
+
+
+def concat_inputs(inputs: list[StageInput]) -> StageInput:
+    """Stack the inputs of several requests into one batch (for dynamic batching)."""
+    if len(inputs) == 1:
+        return inputs[0]
+    cx = None if any(i.complexity is None for i in inputs) else torch.cat([i.complexity for i in inputs])
+    prev = None if any(i.prev_pred is None for i in inputs) else torch.cat([i.prev_pred for i in inputs])
+    return StageInput(h=torch.cat([i.h for i in inputs]), complexity=cx, prev_pred=prev)
+
+
+def split_result(res: StageResult, sizes: list[int]) -> list[StageResult]:
+    """Undo :func:`concat_inputs`: one result per request, positions local to each request."""
+    if len(sizes) == 1:
+        return [res]
+    out, lo = [], 0
+    cont_in = res.cont_input
+    for n in sizes:
+        hi = lo + n
+        d = ((res.done >= lo) & (res.done < hi)).nonzero().squeeze(1)  # rows of done/logits/exit
+        c = ((res.cont >= lo) & (res.cont < hi)).nonzero().squeeze(1)  # rows of the continuations
+        part_in = None
+        if cont_in is not None and c.numel():
+            part_in = StageInput(
+                h=cont_in.h.index_select(0, c),
+                complexity=None if cont_in.complexity is None else cont_in.complexity.index_select(0, c),
+                prev_pred=None if cont_in.prev_pred is None else cont_in.prev_pred.index_select(0, c),
+            )
+        out.append(
+            StageResult(
+                done=res.done.index_select(0, d) - lo,
+                logits=res.logits.index_select(0, d),
+                exit_index=res.exit_index.index_select(0, d),
+                macs=res.macs[lo:hi],
+                cont=res.cont.index_select(0, c) - lo,
+                cont_input=part_in,
+                cont_logits=res.cont_logits.index_select(0, c),
+                cont_exit=res.cont_exit if c.numel() else -1,
+                stage_batch=res.stage_batch,
+            )
+        )
+        lo = hi
+    return out

@@ -1,0 +1,124 @@
+"""Typed arguments of the Serve application (the builder's args model) and its names.
+
+``actors.app:build_app(args)`` takes :class:`AppArgs`; a Serve config file
+(``cluster/serve.yaml``) passes the same fields under ``args:``. Runtime knobs that must
+change without restarting replicas (the served model versions and the A/B split) are not
+here: they travel as each deployment's ``user_config`` (:class:`DeviceUserConfig`,
+:class:`IngressUserConfig`), so a version roll is a Serve ``reconfigure``.
+
+The simulation parameters (``rtt_ms``, ``speed`` of each tier's profile) inject delay so one
+machine can stand in for an edge/cloud cluster; set ``simulate: false`` on real
+heterogeneous nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dynray.scheduling import CLOUD_PROFILE, EDGE_PROFILE, DeviceProfile, policy_names
+
+__all__ = [
+    "SYSTEMS",
+    "INGRESS",
+    "EDGE",
+    "CLOUD",
+    "NOOP",
+    "TierArgs",
+    "AppArgs",
+    "DeviceUserConfig",
+    "IngressUserConfig",
+]
+
+SYSTEMS = ("dynray", "all_cloud", "edge_only", "noop")
+INGRESS, EDGE, CLOUD, NOOP = "Ingress", "Edge", "Cloud", "Noop"  # deployment names
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TierArgs(_Strict):
+    """One tier's deployment: replicas, autoscaling, batching and simulated profile."""
+
+    min_replicas: int = Field(1, ge=0, description="autoscaling floor")
+    max_replicas: int = Field(2, ge=1, description="autoscaling ceiling")
+    initial_replicas: int | None = Field(None, ge=1, description="replicas at start (default: min, at least 1)")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaler target per replica")
+    max_batch_size: int = Field(32, ge=1, description="@serve.batch size limit")
+    batch_wait_ms: float = Field(2.0, ge=0, description="@serve.batch wait for a batch to fill")
+    max_ongoing_requests: int = Field(64, ge=1, description="must be >= max_batch_size so batches can fill")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom resources per replica; default {tier: 1}")
+    num_cpus: float = Field(0.0, ge=0, description="logical CPUs per replica (0: placed by the tier resource alone)")
+    threads: int = Field(1, ge=1, description="torch intra-op threads per replica (Ray gives a 1-CPU actor one)")
+    profile: dict = Field(default_factory=dict, description="DeviceProfile fields; default: the tier's standard profile")
+
+    @model_validator(mode="after")
+    def _check(self) -> TierArgs:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) < max_batch_size ({self.max_batch_size}): batches could never fill; raise max_ongoing_requests")
+        if self.max_replicas < max(self.min_replicas, self.initial_replicas or 0):
+            raise ValueError("max_replicas must be >= min_replicas and initial_replicas")
+        return self
+
+    def device_profile(self, tier: str) -> DeviceProfile:
+        base = (EDGE_PROFILE if tier == "edge" else CLOUD_PROFILE).to_dict()
+        return DeviceProfile.from_dict({**base, **self.profile, "tier": tier})
+
+
+class AppArgs(_Strict):
+    """Arguments of ``actors.app:build_app``: which system to serve and how."""
+
+    system: Literal["dynray", "all_cloud", "edge_only", "noop"] = Field("dynray", description="dynray graph, or a baseline")
+    home: str | None = Field(None, description="registry directory (default: $DYNRAY_HOME or ./.dynray)")
+    models: list[str] = Field(default_factory=lambda: ["production"], description="registry refs served at start")
+    weights: list[float] | None = Field(None, description="A/B traffic share per model (default: all to the first)")
+    edge_stages: int = Field(2, ge=1, description="stages hosted on the edge tier; the cloud hosts the whole model")
+    policy: str = Field("latency", description="scheduling policy: latency, cost or balanced")
+    edge: TierArgs = Field(default_factory=lambda: TierArgs(min_replicas=2, max_replicas=4))
+    cloud: TierArgs = Field(default_factory=lambda: TierArgs(min_replicas=1, max_replicas=2))
+    simulate: bool = Field(True, description="inject each profile's rtt and speed as delay (one-machine simulation)")
+    deadline_ms: float = Field(3000.0, gt=0, description="per-request deadline across all retries")
+    edge_timeout_ms: float = Field(1000.0, gt=0, description="timeout of one edge call")
+    cloud_timeout_ms: float = Field(1000.0, gt=0, description="timeout of one cloud call before degrading")
+    max_items: int = Field(256, ge=1, description="batch limit per HTTP request")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="HTTP body size limit")
+    ingress_max_ongoing_requests: int = Field(256, ge=1, description="the ingress is pass-through; keep it high")
+    ingress_replicas: int = Field(1, ge=1)
+    health_check_period_s: float = Field(1.0, gt=0, description="fast replacement of killed replicas (~2.6 s at 1 s)")
+    routing_stats_period_s: float = Field(0.5, gt=0, description="how often replicas report load to the request router")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        if v not in policy_names():
+            raise ValueError(f"unknown scheduling policy {v!r}; known: {', '.join(policy_names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> AppArgs:
+        if not self.models:
+            raise ValueError("models must name at least one registry ref, e.g. ['production']")
+        if self.weights is not None and len(self.weights) != len(self.models):
+            raise ValueError(f"weights ({len(self.weights)}) must match models ({len(self.models)})")
+        return self
+
+    def tiers(self) -> tuple[str, ...]:
+        """Device tiers this system deploys."""
+        return {"dynray": ("edge", "cloud"), "all_cloud": ("cloud",), "edge_only": ("edge",), "noop": ()}[self.system]
+
+
+class DeviceUserConfig(_Strict):
+    """A device deployment's ``user_config``: changing it reconfigures replicas in place."""
+
+    models: list[str] = Field(description="registry refs this device hosts (resolved to name:vN on load)")
+    home: str | None = None
+
+
+class IngressUserConfig(_Strict):
+    """The ingress ``user_config``: which versions get traffic, and how much."""
+
+    models: list[str]
+    weights: list[float] | None = None
+    home: str | None = None
