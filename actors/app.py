@@ -26,6 +26,7 @@ from actors.device import Device
 from dynray import metrics as M
 from dynray.errors import DynrayError, RequestError
 from dynray.failover import DeviceCall, FailoverConfig, Orchestrator
+from dynray.partition import DeviceReply, DeviceRequest, group_requests, split_reply
 from dynray.payload import ErrorResponse, PayloadLimits, PredictRequest, PredictResponse, decode_request
 from dynray.registry import ModelRegistry
 from dynray.scheduling import NoDeviceAvailable, get_policy, request_cost
@@ -72,6 +73,7 @@ class Ingress:
     def __init__(self, args: dict, edge: DeploymentHandle | None = None, cloud: DeploymentHandle | None = None) -> None:
         self.args = AppArgs.model_validate(args)
         self.handles = {"edge": edge, "cloud": cloud}
+        self._edge_call = _device_call(edge) if edge is not None else None
         self.policy = get_policy(self.args.policy)
         self.orch: Orchestrator | None = None
         self.split: TrafficSplit | None = None
@@ -102,7 +104,7 @@ class Ingress:
         self.orch = Orchestrator(
             FailoverConfig(deadline_s=self.args.deadline_ms / 1000, edge_timeout_s=self.args.edge_timeout_ms / 1000, cloud_timeout_s=self.args.cloud_timeout_ms / 1000),
             self.policy,
-            edge=_device_call(self.handles["edge"]) if self.handles["edge"] else None,
+            edge=self._edge_coalesced if self.handles["edge"] else None,
             cloud=_device_call(self.handles["cloud"]) if self.handles["cloud"] else None,
             edge_stages=k,
             edge_macs=cum_edge,
@@ -110,6 +112,21 @@ class Ingress:
             full_macs=macs["full"],
             profiles=self.profiles,
         )
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001, max_concurrent_batches=16)
+    async def _edge_coalesced(self, reqs: list[DeviceRequest]) -> list[DeviceReply]:
+        """Concurrent HTTP requests bound for the edge share one device call per version.
+
+        Every hop costs RPC work on both ends; coalescing divides the ingress->edge part by
+        the batch size. A failed call fails every request in it, and each is retried on its own.
+        """
+        groups = group_requests(reqs)
+        replies = await asyncio.gather(*(self._edge_call(merged) for merged, _, _ in groups))
+        out: list[DeviceReply | None] = [None] * len(reqs)
+        for (_, idx, sizes), reply in zip(groups, replies, strict=True):
+            for i, part in zip(idx, split_reply(reply, sizes), strict=True):
+                out[i] = part
+        return out
 
     @api.post(
         "/v1/predict",
@@ -178,7 +195,7 @@ class Ingress:
         out = {}
         try:
             for name, d in serve.status().applications[app].deployments.items():
-                out[name] = {"status": str(d.status.value), "replicas": {str(k.value): v for k, v in d.replica_states.items()}}
+                out[name] = {"status": str(d.status.value), "replicas": {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()}}
         except Exception as e:  # noqa: BLE001 - health must answer even if the controller is busy
             log.warning("serve.status() failed: %s", e)
         self._status_cache = (time.monotonic(), out)

@@ -18,13 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
 
 import torch
 from ray import serve
 
 from dynray.errors import RegistryError, ServingError
-from dynray.partition import DeviceReply, DeviceRequest, StageRange, StageResult, concat_inputs, run_stages, split_result
+from dynray.partition import DeviceReply, DeviceRequest, StageRange, StageResult, group_requests, run_stages, split_result
 from dynray.registry import ModelRegistry
 from dynray.scheduling import DeviceProfile, LoadTracker
 from dynray.serving import DeviceUserConfig
@@ -141,18 +140,14 @@ class Device:
 
     async def _compute(self, reqs: list[DeviceRequest]) -> list[tuple[StageResult, float]]:
         # one forward per (version, start stage): requests of one group share a batch
-        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
-        for i, r in enumerate(reqs):
-            groups[(r.version, r.start)].append(i)
         out: list[tuple[StageResult, float] | None] = [None] * len(reqs)
         t0 = time.perf_counter()
         macs = 0
-        for (version, start), idx in groups.items():
-            sm = self.models[version]
-            inputs = [reqs[i].inp for i in idx]
-            res = run_stages(sm.model, self._range(sm, start), concat_inputs(inputs), sm.rule)
+        for merged, idx, sizes in group_requests(reqs):
+            sm = self.models[merged.version]
+            res = run_stages(sm.model, self._range(sm, merged.start), merged.inp, sm.rule)
             macs += int(res.macs.sum())
-            for i, part in zip(idx, split_result(res, [x.h.shape[0] for x in inputs]), strict=True):
+            for i, part in zip(idx, split_result(res, sizes), strict=True):
                 out[i] = (part, 0.0)
         compute_s = time.perf_counter() - t0
         if self.simulate:  # the device stays busy for the extra time a slower device would need

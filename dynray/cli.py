@@ -71,12 +71,28 @@ def _print_core(s: dict) -> None:
         print(f"  plot: {s['plot']}")
 
 
+def _print_serve(s: dict) -> None:
+    print(f"  {'system':<10} {'rps':>7} {'p50 ms':>8} {'p99 ms':>8} {'accuracy':>9} {'cost/1k':>9} {'escalated':>9}")
+    for name, m in s["systems"].items():
+        acc, cost, esc = (f"{m[k]:.4f}" if k in m else "-" for k in ("accuracy", "cost_per_1k", "escalated_frac"))
+        print(f"  {name:<10} {m['rps']:>7.1f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f} {acc:>9} {cost:>9} {esc:>9}")
+        if "light" in m:
+            lt = m["light"]
+            print(f"  {'  light':<10} {lt['rps']:>7.1f} {lt['p50_ms']:>8.2f} {lt['p99_ms']:>8.2f}   (concurrency {lt['concurrency']})")
+    r = s["ratios"]
+    if r:
+        print(f"  dynray vs all-cloud: cost {r['cost_vs_all_cloud']:.3f}x, p50 {r['p50_vs_all_cloud']:.3f}x (light load {r['p50_vs_all_cloud_light'] or float('nan'):.3f}x), accuracy gap {r['accuracy_gap_pt']:+.2f} pt; rps vs no-op {r['rps_vs_noop']:.3f}x")
+    if s.get("chaos"):
+        c = s["chaos"]
+        print(f"  chaos: {c['answered']}/{c['requests']} answered, {c['degraded']} degraded, {c['errors']} errors, replicas back in {c['recovery_s']:.1f} s")
+
+
 def _cmd_bench(a: argparse.Namespace) -> int:
     from jobs import bench
 
     s = bench.run(a)
     print(f"wrote section '{a.section}' to {a.json}")
-    _print_core(s)
+    _print_serve(s) if a.section == "serve" else _print_core(s)
     return 0
 
 
@@ -121,6 +137,17 @@ def _cmd_submit(a: argparse.Namespace) -> int:
     return 0 if st == JobStatus.SUCCEEDED else 1
 
 
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from jobs import deploy
+
+    out = deploy.run(a)
+    if a.action == "up":
+        print(f"serving {out['app']} at {out['url']}/v1/predict (Ray at {out['address']}); `dynray serve status` to inspect, `dynray serve down` to stop")
+    else:
+        print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from jobs import demo
 
@@ -131,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jobs.bench import add_bench_args
     from jobs.calibrate import add_calibrate_args
     from jobs.demo import add_demo_args
+    from jobs.deploy import add_deploy_args
     from jobs.train import add_train_args
 
     p = argparse.ArgumentParser(prog="dynray", description="Adaptive inference on Ray: train, calibrate, benchmark and manage early-exit networks.")
@@ -170,8 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("stage", nargs="?", default=None, choices=["staging", "production"], help="stage (promote)")
     s.set_defaults(fn=_cmd_models)
 
+    s = sub.add_parser("serve", help="start (up), inspect (status), roll versions (roll) or stop (down) the Serve app")
+    add_deploy_args(s)
+    s.set_defaults(fn=_cmd_serve)
+
     s = sub.add_parser("submit", help="submit a job step (train, calibrate, bench) to a Ray cluster")
-    s.add_argument("step", choices=["train", "calibrate", "bench"])
+    s.add_argument("step", choices=["train", "calibrate", "bench", "deploy"])
     s.add_argument("args", nargs=argparse.REMAINDER, help="arguments for python -m jobs.STEP")
     s.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS)")
     s.add_argument("--local-python", action="store_true", help="use this interpreter's path in the entrypoint")

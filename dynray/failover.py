@@ -154,8 +154,10 @@ class Orchestrator:
         for tier, view in self.views.items():
             if self.calls[tier] is None or not view.available(now):
                 reps[tier] = None
+            elif view.loads:  # None when every replica reported itself unhealthy
+                reps[tier] = view.best()
             else:  # no report yet: an idle replica of the configured profile
-                reps[tier] = view.best() or LoadReport(replica="?", profile=self.profiles[tier], in_flight=0, queue_len=0, ewma_service_ms=0.0)
+                reps[tier] = LoadReport(replica="?", profile=self.profiles[tier], in_flight=0, queue_len=0, ewma_service_ms=0.0)
         return estimate_paths(self.workload(), reps["edge"], reps["cloud"])
 
     def choose_path(self) -> str:
@@ -164,7 +166,7 @@ class Orchestrator:
         if self.calls["cloud"] is None:
             return "edge_first"
         ests = self.estimates()
-        # both tiers tripped: try the edge anyway (its breaker may have cooled by the call)
+        # no tier looks usable: answer() still walks edge then cloud, each call re-checking its breaker
         return self.policy.choose_path(ests).path if ests else "edge_first"
 
     async def _call(self, tier: str, req: DeviceRequest, timeout_s: float, until: float) -> DeviceReply | None:

@@ -22,7 +22,7 @@ import torch
 from dynray.errors import ConfigError
 from dynray.models.dynamic import DynamicNet, StopRule
 
-__all__ = ["StageRange", "StageInput", "StageResult", "DeviceRequest", "DeviceReply", "run_stages", "range_macs", "concat_inputs", "split_result"]
+__all__ = ["StageRange", "StageInput", "StageResult", "DeviceRequest", "DeviceReply", "run_stages", "range_macs", "concat_inputs", "split_result", "group_requests", "split_reply"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +72,7 @@ class StageResult:
     cont_input: StageInput | None  # activations etc. of the continuing samples (None if r == 0)
     cont_logits: torch.Tensor  # [r, C] deepest evaluated exit's logits: the degraded answer
     cont_exit: int  # global index of that exit (-1 if the range evaluated none)
-    stage_batch: tuple[int, ...]  # samples that entered each hosted stage
+    stage_batch: tuple[int, ...]  # samples that entered each hosted stage, for the whole (batched) forward this ran in
 
     @property
     def batch_size(self) -> int:
@@ -211,3 +211,24 @@ def split_result(res: StageResult, sizes: list[int]) -> list[StageResult]:
         )
         lo = hi
     return out
+
+
+def group_requests(reqs: list[DeviceRequest]) -> list[tuple[DeviceRequest, list[int], list[int]]]:
+    """Merge requests that share (version, start) into one: (merged, positions, sizes).
+
+    Dynamic batching on both sides of a hop uses this: the device runs one forward per
+    group, and the ingress sends one call per group instead of one per HTTP request.
+    """
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, r in enumerate(reqs):
+        groups.setdefault((r.version, r.start), []).append(i)
+    out = []
+    for (version, start), idx in groups.items():
+        inputs = [reqs[i].inp for i in idx]
+        out.append((DeviceRequest(version, start, concat_inputs(inputs)), idx, [x.h.shape[0] for x in inputs]))
+    return out
+
+
+def split_reply(reply: DeviceReply, sizes: list[int]) -> list[DeviceReply]:
+    """One reply per merged request (see :func:`group_requests`)."""
+    return [DeviceReply(result=r, tier=reply.tier, replica=reply.replica, load=reply.load, ms_per_mmac=reply.ms_per_mmac) for r in split_result(reply.result, sizes)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,8 +28,8 @@ class TrafficSplit:
             raise ConfigError("one weight per version is needed", got=(self.versions, self.weights), fix="e.g. models [a, b] with weights [0.9, 0.1]")
         if len(set(self.versions)) != len(self.versions):
             raise ConfigError("versions must be distinct", got=self.versions, fix="list each model once")
-        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
-            raise ConfigError("weights must be >= 0 with a positive sum", got=self.weights, fix="e.g. [0.7, 0.3]")
+        if any(not math.isfinite(w) or w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise ConfigError("weights must be >= 0 with a positive sum", got=self.weights, fix="finite shares such as [0.7, 0.3]")
 
     @classmethod
     def of(cls, versions: list[str], weights: list[float] | None) -> TrafficSplit:

@@ -9,7 +9,7 @@ import ray
 __all__ = ["connect"]
 
 
-def connect(num_cpus: int | None = None) -> None:
+def connect(num_cpus: int | None = None, *, log_to_driver: bool = True) -> None:
     """Attach to ``RAY_ADDRESS`` (set inside `ray job submit`), else start a local Ray.
 
     ``address="local"`` ignores stale ``ray_current_cluster`` files (see RAY_NOTES §0). The
@@ -18,6 +18,8 @@ def connect(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=log_to_driver)
     else:
-        ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=True, log_to_driver=True, logging_level="WARNING")
+        # this one node stands in for both device tiers: it offers the `edge` and `cloud`
+        # resources the Serve tiers are placed by (a real cluster has node types for them)
+        ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), resources={"edge": 16, "cloud": 16}, include_dashboard=True, log_to_driver=log_to_driver, logging_level="WARNING")

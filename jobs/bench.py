@@ -14,7 +14,7 @@ from dynray.errors import ConfigError
 from dynray.pipeline import bench_and_write
 from dynray.registry import ModelRegistry
 
-IMPLEMENTED = ("core",)
+IMPLEMENTED = ("core", "serve")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -23,11 +23,18 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None, help="dataset (default: the model's own)")
     p.add_argument("--json", required=True, help="bench JSON file to write or merge into")
     p.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
+    from jobs.bench_serve import add_bench_serve_args
+
+    add_bench_serve_args(p.add_argument_group("serve section"))
 
 
 def run(a: argparse.Namespace) -> dict:
     if a.section not in IMPLEMENTED:
         raise ConfigError(f"bench section '{a.section}' is not built yet", got=a.section, fix=f"available now: {', '.join(IMPLEMENTED)}")
+    if a.section == "serve":
+        from jobs import bench_serve
+
+        return bench_serve.run(a)
     return bench_and_write(ModelRegistry(), a.model, dataset=a.dataset, json_path=a.json, plot_path=a.plot)
 
 

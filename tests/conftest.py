@@ -29,6 +29,7 @@ def ray_session():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
+    # edge/cloud resources so the serving tiers can be placed (one node stands in for both)
+    ray.init(address="local", num_cpus=4, resources={"edge": 16, "cloud": 16}, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()

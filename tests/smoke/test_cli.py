@@ -37,7 +37,8 @@ def demo(env, tmp_path_factory):
 
 def test_demo_runs_end_to_end_on_a_small_configuration(demo):
     p, out = demo
-    assert "[3/3]" in p.stdout and "MAC saving" in p.stdout
+    assert "[4/4]" in p.stdout and "MAC saving" in p.stdout
+    assert "1000/1000 answered over HTTP" in p.stdout and "escalated to the cloud tier" in p.stdout
     core = json.loads(out.read_text())["core"]
     assert core["dataset"] == "mnist-5k" and core["n_test"] == 1000
     assert core["macs_adaptive"] < core["macs_full"]
@@ -97,6 +98,66 @@ def test_bad_input_gets_one_line_and_exit_2(demo, env, args, message):
     assert message in p.stderr
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert _models(env) == before  # nothing half-written in the registry
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_up_status_roll_down(demo, env):
+    """`dynray serve` starts its own local head (all ports free), serves, rolls and stops it."""
+    import requests
+
+    port = _free_port()
+    p = run([DYNRAY, "serve", "up", "--port", str(port)], env, timeout=400)
+    try:
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        assert f"127.0.0.1:{port}/v1/predict" in p.stdout
+        from dynray.payload import encode_array
+        import torch
+
+        r = requests.post(f"http://127.0.0.1:{port}/v1/predict", json=encode_array(torch.zeros(2, 1, 28, 28)), timeout=30)
+        assert r.status_code == 200 and r.json()["model_version"] == "dynnet-mnist-5k:v2"
+        st = run([DYNRAY, "serve", "status"], env)
+        assert st.returncode == 0, st.stderr[-2000:]
+        status = json.loads(st.stdout)
+        assert status["serve"]["status"] == "RUNNING" and status["health"]["ready"]
+        p = run([DYNRAY, "serve", "roll", "--model", "dynnet-mnist-5k:v1"], env, timeout=400)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        r = requests.post(f"http://127.0.0.1:{port}/v1/predict", json=encode_array(torch.zeros(1, 1, 28, 28)), timeout=30)
+        assert r.json()["model_version"] == "dynnet-mnist-5k:v1"
+    finally:
+        down = run([DYNRAY, "serve", "down"], env)
+    assert down.returncode == 0, down.stderr[-2000:]
+    assert json.loads(down.stdout)["cluster_stopped"] is True
+    import time
+
+    until = time.monotonic() + 30
+    while time.monotonic() < until:  # the head's processes take a moment to exit
+        try:
+            requests.get(f"http://127.0.0.1:{port}/v1/health", timeout=2)
+        except requests.RequestException:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the serving cluster still answers after `dynray serve down`")
+
+
+def test_bench_serve_small(demo, env, tmp_path):
+    out = tmp_path / "serve.json"
+    p = run([sys.executable, "-m", "jobs.bench", "serve", "--json", str(out), "--requests", "60", "--warmup", "5",
+             "--concurrency", "4", "--chaos-requests", "150", "--light-requests", "20"], env, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    s = json.loads(out.read_text())["serve"]
+    assert set(s["systems"]) == {"noop", "dynray", "all_cloud", "edge_only"}
+    for name, m in s["systems"].items():
+        assert m["errors"] == 0 and m["rps"] > 0, (name, m)
+    assert s["systems"]["dynray"]["cost_per_1k"] < s["systems"]["all_cloud"]["cost_per_1k"]
+    assert s["chaos"]["answered"] == s["chaos"]["requests"] == 150 and s["chaos"]["errors"] == 0
 
 
 def test_tampered_checkpoint_is_refused(demo, env):
