@@ -74,6 +74,7 @@ class Ingress:
         self.args = AppArgs.model_validate(args)
         self.handles = {"edge": edge, "cloud": cloud}
         self._edge_call = _device_call(edge) if edge is not None else None
+        self._edge_coalesced.set_batch_wait_timeout_s(self.args.coalesce_wait_ms / 1000)
         self.policy = get_policy(self.args.policy)
         self.orch: Orchestrator | None = None
         self.split: TrafficSplit | None = None
@@ -113,7 +114,7 @@ class Ingress:
             profiles=self.profiles,
         )
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001, max_concurrent_batches=16)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=16)
     async def _edge_coalesced(self, reqs: list[DeviceRequest]) -> list[DeviceReply]:
         """Concurrent HTTP requests bound for the edge share one device call per version.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import torch
@@ -45,8 +46,6 @@ def _replica_id() -> tuple[str, bool]:
 
 
 def registry_home(home: str | None) -> str:
-    import os
-
     return home or os.environ.get("DYNRAY_HOME", ".dynray")
 
 
@@ -70,6 +69,7 @@ class Device:
         self.profile = DeviceProfile.from_dict(profile)
         self.first_stage, self.last_stage, self.full, self.simulate = first_stage, last_stage, full, simulate
         self.tracker = LoadTracker()
+        self.counts = {"forwards": 0, "requests": 0, "samples": 0, "max_requests": 0, "max_samples": 0}  # batch fill
         self.models: dict[str, StoredModel] = {}
         self.replica, self._in_serve = _replica_id()
         if self._in_serve:  # @serve.batch needs a replica context; plain actors batch per call
@@ -144,6 +144,7 @@ class Device:
         t0 = time.perf_counter()
         macs = 0
         for merged, idx, sizes in group_requests(reqs):
+            self._count(len(idx), sum(sizes))
             sm = self.models[merged.version]
             res = run_stages(sm.model, self._range(sm, merged.start), merged.inp, sm.rule)
             macs += int(res.macs.sum())
@@ -154,6 +155,20 @@ class Device:
             await asyncio.sleep(self.profile.slowdown_s(compute_s))
         ms_per_mmac = compute_s * 1000 / max(macs / 1e6, 1e-9)
         return [(res, ms_per_mmac) for res, _ in out]  # type: ignore[misc]
+
+    def _count(self, requests: int, samples: int) -> None:
+        c = self.counts
+        c["forwards"] += 1
+        c["requests"] += requests
+        c["samples"] += samples
+        c["max_requests"] = max(c["max_requests"], requests)
+        c["max_samples"] = max(c["max_samples"], samples)
+
+    def stats(self) -> dict:
+        """How full the batches were: forwards run, and requests and samples per forward."""
+        c = dict(self.counts)
+        f = max(c["forwards"], 1)
+        return {**c, "replica": self.replica, "mean_requests": c["requests"] / f, "mean_samples": c["samples"] / f}
 
     # -- load and health -----------------------------------------------------------
     def load(self) -> dict:

@@ -47,7 +47,7 @@ class TierArgs(_Strict):
     initial_replicas: int | None = Field(None, ge=1, description="replicas at start (default: min, at least 1)")
     target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaler target per replica")
     max_batch_size: int = Field(32, ge=1, description="@serve.batch size limit")
-    batch_wait_ms: float = Field(2.0, ge=0, description="@serve.batch wait for a batch to fill")
+    batch_wait_ms: float = Field(0.0, ge=0, description="@serve.batch wait for a batch to fill; 0 = adaptive: a batch takes whatever queued while the previous one ran")
     max_ongoing_requests: int = Field(64, ge=1, description="must be >= max_batch_size so batches can fill")
     resources: dict[str, float] = Field(default_factory=dict, description="custom resources per replica; default {tier: 1}")
     num_cpus: float = Field(0.0, ge=0, description="logical CPUs per replica (0: placed by the tier resource alone)")
@@ -86,6 +86,7 @@ class AppArgs(_Strict):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="HTTP body size limit")
     ingress_max_ongoing_requests: int = Field(256, ge=1, description="the ingress is pass-through; keep it high")
     ingress_replicas: int = Field(1, ge=1)
+    coalesce_wait_ms: float = Field(0.0, ge=0, description="ingress wait to coalesce concurrent requests into one edge call (0 = adaptive)")
     health_check_period_s: float = Field(1.0, gt=0, description="fast replacement of killed replicas (~2.6 s at 1 s)")
     routing_stats_period_s: float = Field(0.5, gt=0, description="how often replicas report load to the request router")
 

@@ -187,3 +187,29 @@ def test_chaos_kill_edge_then_cloud_every_request_answered(served):
         pytest.fail(f"replicas not back within 30 s: {D.app_status(APP)}")
     after = _post(served["url"], encode_array(x[:8])).json()
     assert not after["degraded"]
+
+
+def _edge_stats() -> dict[str, dict]:
+    from ray import serve
+
+    edge = serve.get_deployment_handle("Edge", APP)
+    for _ in range(10):  # calls sent together spread over the replicas (the router balances them)
+        out = {s["replica"]: s for s in (r.result(timeout_s=30) for r in [edge.stats.remote() for _ in range(16)])}
+        if len(out) == 2:
+            return out
+    raise AssertionError(f"stats reached only {sorted(out)}")
+
+
+def test_batches_fill_under_concurrency(served):
+    """Concurrent single-image requests share device forwards (ingress coalescing + @serve.batch)."""
+    x = load_dataset("mnist-5k", "test").images[:64]
+    before = _edge_stats()
+    res = run_load_sync(LoadConfig(url=f"{served['url']}/v1/predict", requests=300, concurrency=16), lambda i: encode_array(x[i % 64][None]))
+    assert res.errors == 0
+    after = _edge_stats()
+    zero = {"forwards": 0, "samples": 0}
+    forwards = sum(s["forwards"] - before.get(r, zero)["forwards"] for r, s in after.items())
+    samples = sum(s["samples"] - before.get(r, zero)["samples"] for r, s in after.items())
+    assert samples >= 200 and forwards > 0, (before, after)  # the latency policy may send some straight to the cloud
+    assert samples / forwards > 1.5, (samples, forwards)  # one image per request, yet forwards are shared
+    assert max(s["max_samples"] for s in after.values()) >= 4, after
