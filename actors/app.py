@@ -247,12 +247,13 @@ def _device(tier: str, name: str, t: TierArgs, args: AppArgs, home: str, *, last
         graceful_shutdown_wait_loop_s=0.1,
         graceful_shutdown_timeout_s=1.0,
         user_config={"models": list(args.models), "home": home},
-        request_router_config=RequestRouterConfig(
+    )
+    if args.replica_router == "policy":
+        opts["request_router_config"] = RequestRouterConfig(
             request_router_class="actors.routing:LoadAwareRouter",
             request_router_kwargs={"policy": args.policy},
             request_routing_stats_period_s=args.routing_stats_period_s,
-        ),
-    )
+        )
     return serve.deployment(**opts)(Device).bind(
         profile=t.device_profile(tier).to_dict(),
         last_stage=last_stage,

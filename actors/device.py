@@ -69,7 +69,7 @@ class Device:
         self.profile = DeviceProfile.from_dict(profile)
         self.first_stage, self.last_stage, self.full, self.simulate = first_stage, last_stage, full, simulate
         self.tracker = LoadTracker()
-        self.counts = {"forwards": 0, "requests": 0, "samples": 0, "max_requests": 0, "max_samples": 0}  # batch fill
+        self.counts = {"forwards": 0, "requests": 0, "samples": 0, "max_requests": 0, "max_samples": 0, "compute_s": 0.0}  # batch fill, real compute time
         self.models: dict[str, StoredModel] = {}
         self.replica, self._in_serve = _replica_id()
         if self._in_serve:  # @serve.batch needs a replica context; plain actors batch per call
@@ -151,6 +151,7 @@ class Device:
             for i, part in zip(idx, split_result(res, sizes), strict=True):
                 out[i] = (part, 0.0)
         compute_s = time.perf_counter() - t0
+        self.counts["compute_s"] += compute_s
         if self.simulate:  # the device stays busy for the extra time a slower device would need
             await asyncio.sleep(self.profile.slowdown_s(compute_s))
         ms_per_mmac = compute_s * 1000 / max(macs / 1e6, 1e-9)
@@ -168,7 +169,7 @@ class Device:
         """How full the batches were: forwards run, and requests and samples per forward."""
         c = dict(self.counts)
         f = max(c["forwards"], 1)
-        return {**c, "replica": self.replica, "mean_requests": c["requests"] / f, "mean_samples": c["samples"] / f}
+        return {**c, "replica": self.replica, "mean_requests": c["requests"] / f, "mean_samples": c["samples"] / f, "mean_compute_ms": 1000 * c["compute_s"] / f}
 
     # -- load and health -----------------------------------------------------------
     def load(self) -> dict:

@@ -88,6 +88,7 @@ class AppArgs(_Strict):
     ingress_replicas: int = Field(1, ge=1)
     coalesce_wait_ms: float = Field(0.0, ge=0, description="ingress wait to coalesce concurrent requests into one edge call (0 = adaptive)")
     health_check_period_s: float = Field(1.0, gt=0, description="fast replacement of killed replicas (~2.6 s at 1 s)")
+    replica_router: Literal["policy", "serve_default"] = Field("policy", description="replica choice inside a tier: the scheduling policy (custom Serve request router) or Serve's power-of-two-choices")
     routing_stats_period_s: float = Field(0.5, gt=0, description="how often replicas report load to the request router")
 
     @field_validator("policy")

@@ -210,6 +210,6 @@ def test_batches_fill_under_concurrency(served):
     zero = {"forwards": 0, "samples": 0}
     forwards = sum(s["forwards"] - before.get(r, zero)["forwards"] for r, s in after.items())
     samples = sum(s["samples"] - before.get(r, zero)["samples"] for r, s in after.items())
-    assert samples >= 200 and forwards > 0, (before, after)  # the latency policy may send some straight to the cloud
+    assert samples >= 50 and forwards > 0, (before, after)  # the latency policy sends part of the load straight to the cloud
     assert samples / forwards > 1.5, (samples, forwards)  # one image per request, yet forwards are shared
     assert max(s["max_samples"] for s in after.values()) >= 4, after
