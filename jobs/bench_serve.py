@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import socket
 import threading
 import time
 
@@ -25,6 +24,7 @@ from dynray.data import load_dataset
 from dynray.loadgen import LoadConfig, LoadResult, run_load_sync
 from dynray.payload import encode_array
 from dynray.registry import ModelRegistry
+from jobs._ray import connect, free_port
 
 log = logging.getLogger(__name__)
 SYSTEMS = ("noop", "dynray", "all_cloud", "edge_only")
@@ -41,13 +41,8 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="Serve config to take args and profiles from (default cluster/serve.yaml)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _system_config(base: dict, system: str, ref: str, home: str, port: int) -> dict:
+def system_config(base: dict, system: str, ref: str, home: str, port: int) -> dict:
     """One-app config for ``system``; replicas pinned (min = max) so every system gets the same."""
     cfg = copy.deepcopy(base)
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
@@ -132,7 +127,6 @@ def run(a: argparse.Namespace) -> dict:
     from ray import serve
 
     from actors import deploy as D
-    from jobs._ray import connect
 
     reg = ModelRegistry()
     info = reg.resolve(a.model)
@@ -141,11 +135,11 @@ def run(a: argparse.Namespace) -> dict:
     labels = test.labels.numpy()
     connect(log_to_driver=False)  # forwarding every replica's log lines costs CPU the measurement needs
     base = D.load_config(a.config) if a.config else D.load_config()
-    port = _free_port()
+    port = free_port()
     systems: dict[str, dict] = {}
     try:
         for system in a.systems:
-            cfg = _system_config(base, system, info.ref, str(reg.home.resolve()), port)
+            cfg = system_config(base, system, info.ref, str(reg.home.resolve()), port)
             log.info("deploying %s …", system)
             D.deploy(cfg, timeout_s=180)
             url = f"http://127.0.0.1:{port}/{system}/v1/predict"

@@ -30,6 +30,7 @@ import requests
 
 from dynray.errors import ServingError
 from dynray.registry import ModelRegistry
+from jobs._ray import free_port
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,11 @@ def _read_state() -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _start_local_head(resources: dict) -> dict:
     """``ray start --head --block`` in its own session; returns address, PID, dashboard."""
     bin_dir = Path(sys.executable).parent
-    gcs, dash, agent, agent_grpc, metrics, rt_env = (_free_port() for _ in range(6))
+    gcs, dash, agent, agent_grpc, metrics, rt_env = (free_port() for _ in range(6))
     tmp = tempfile.mkdtemp(prefix="dynray-ray-", dir="/tmp")  # unix socket paths must stay short
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)

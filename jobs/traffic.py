@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import socket
 from collections import Counter
 
 import numpy as np
@@ -22,6 +21,7 @@ from dynray.data import load_dataset
 from dynray.loadgen import LoadConfig, run_load_sync
 from dynray.payload import encode_array
 from dynray.registry import ModelRegistry
+from jobs._ray import connect, free_port
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +33,10 @@ def add_traffic_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=8, help="closed-loop HTTP concurrency")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run(a: argparse.Namespace) -> dict:
     from actors import deploy as D
-    from jobs._ray import connect
-    from jobs.bench_serve import _system_config
+    from jobs.bench_serve import system_config
 
     reg = ModelRegistry()
     info = reg.resolve(a.model)
@@ -50,8 +44,8 @@ def run(a: argparse.Namespace) -> dict:
     images = split.images.numpy()
     labels = split.labels.numpy()
     connect(log_to_driver=False)
-    port = _free_port()
-    D.deploy(_system_config(D.load_config(), "dynray", info.ref, str(reg.home.resolve()), port), timeout_s=180)
+    port = free_port()
+    D.deploy(system_config(D.load_config(), "dynray", info.ref, str(reg.home.resolve()), port), timeout_s=180)
     try:
         bodies = [encode_array(images[i : i + 1], dtype="uint8") for i in range(len(images))]
         res = run_load_sync(LoadConfig(url=f"http://127.0.0.1:{port}/dynray/v1/predict", requests=len(images), concurrency=a.concurrency, warmup=50), lambda i: bodies[i])

@@ -6,7 +6,6 @@ session's Ray. Two registry versions of a small model make the A/B and roll test
 
 from __future__ import annotations
 
-import copy
 import json
 import socket
 import threading
@@ -23,7 +22,7 @@ from dynray.models import DynamicNetConfig, build
 from dynray.payload import encode_array
 from dynray.registry import ModelRegistry
 from dynray.store import load_model, save_model
-from dynray.thresholds import CONFIDENCES, ThresholdRule
+from dynray.thresholds import ThresholdRule
 
 pytestmark = pytest.mark.ray
 APP = "dynray"
