@@ -240,6 +240,9 @@ def _device(tier: str, name: str, t: TierArgs, args: AppArgs, home: str, *, last
             "target_ongoing_requests": t.target_ongoing_requests,
             "upscale_delay_s": 3.0,
             "downscale_delay_s": 30.0,
+            # react within seconds: Serve's defaults (10 s metrics, 30 s look-back) suit slower traffic shifts
+            "metrics_interval_s": 2.0,
+            "look_back_period_s": 10.0,
         },
         ray_actor_options={"num_cpus": t.num_cpus, "resources": t.resources or {tier: 1}},
         health_check_period_s=args.health_check_period_s,

@@ -85,6 +85,9 @@ def _print_serve(s: dict) -> None:
     if s.get("chaos"):
         c = s["chaos"]
         print(f"  chaos: {c['answered']}/{c['requests']} answered, {c['degraded']} degraded, {c['errors']} errors, replicas back in {c['recovery_s']:.1f} s")
+    if s.get("autoscale"):
+        au = s["autoscale"]
+        print(f"  autoscale: edge {au['replicas_start']} -> {au['replicas_peak']} replicas under concurrency {au['concurrency']}, first scale-up after {au['seconds_to_first_scale_up']} s")
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:

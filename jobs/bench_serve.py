@@ -37,6 +37,7 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--light-concurrency", type=int, default=2, help="concurrency of the second, light-load run per system (latency without CPU queueing)")
     p.add_argument("--light-requests", type=int, default=400, help="requests of the light-load run (0: skip it)")
     p.add_argument("--chaos-requests", type=int, default=1500, help="requests in the chaos run (0: skip it)")
+    p.add_argument("--autoscale-requests", type=int, default=6000, help="requests of the autoscaling run: edge starts at 1 replica, may grow to 3 (0: skip it)")
     p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS, help="systems to measure (the ratios need all four)")
     p.add_argument("--config", default=None, help="Serve config to take args and profiles from (default cluster/serve.yaml)")
 
@@ -123,6 +124,41 @@ def _chaos(url: str, images: np.ndarray, a: argparse.Namespace, app: str) -> dic
     }
 
 
+def _autoscale(base: dict, ref: str, home: str, port: int, images: np.ndarray, a: argparse.Namespace) -> dict:
+    """Edge tier from 1 replica (max 3, target 1 ongoing request each) under concurrency 24: when does Serve add replicas?
+
+    The ingress coalesces concurrent requests, so an edge replica sees few, large calls:
+    the target is per call, hence 1."""
+    from actors.deploy import app_status, deploy
+
+    cfg = system_config(base, "dynray", ref, home, port)
+    args = cfg["applications"][0]["args"]
+    args["edge"] = {**args["edge"], "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1}
+    deploy(cfg, timeout_s=180)
+    timeline: list[tuple[float, int]] = []
+    t0 = time.monotonic()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            timeline.append((round(time.monotonic() - t0, 1), app_status("dynray")["deployments"]["Edge"]["replicas"].get("RUNNING", 0)))
+            time.sleep(0.5)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    try:
+        res = _measure(f"http://127.0.0.1:{port}/dynray/v1/predict", images, requests=a.autoscale_requests, concurrency=24, warmup=0)
+    finally:
+        done.set()
+        w.join()
+    start = timeline[0][1]
+    peak = max(n for _, n in timeline)
+    first_up = next((t for t, n in timeline if n > start), None)
+    return {"tier": "edge", "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1, "concurrency": 24, "requests": a.autoscale_requests,
+            "replicas_start": start, "replicas_peak": peak, "seconds_to_first_scale_up": first_up, "errors": res.errors, "run_s": round(res.wall_s, 1),
+            "timeline": timeline[::4]}
+
+
 def run(a: argparse.Namespace) -> dict:
     from ray import serve
 
@@ -153,6 +189,10 @@ def run(a: argparse.Namespace) -> dict:
                 chaos = _chaos(f"http://127.0.0.1:{port}/{system}/v1/predict", images, a, system)
                 log.info("chaos: %s", chaos)
             serve.delete(system)
+        if a.autoscale_requests:
+            autoscale = _autoscale(base, info.ref, str(reg.home.resolve()), port, images, a)
+            log.info("autoscale: %s", {k: v for k, v in autoscale.items() if k != "timeline"})
+            serve.delete("dynray")
     finally:
         D.shutdown()
     d, c, noop = (systems.get(k) for k in ("dynray", "all_cloud", "noop"))
@@ -165,6 +205,7 @@ def run(a: argparse.Namespace) -> dict:
         "profiles": {t: base["applications"][0]["args"][t].get("profile") for t in ("edge", "cloud")},
         "systems": systems,
         "chaos": chaos if a.chaos_requests else None,
+        "autoscale": autoscale if a.autoscale_requests else None,
         "ratios": {
             "accuracy_gap_pt": round(100 * (c["accuracy"] - d["accuracy"]), 2),
             "cost_vs_all_cloud": round(d["cost_per_1k"] / c["cost_per_1k"], 4),

@@ -150,7 +150,7 @@ def test_serve_up_status_roll_down(demo, env):
 def test_bench_serve_small(demo, env, tmp_path):
     out = tmp_path / "serve.json"
     p = run([sys.executable, "-m", "jobs.bench", "serve", "--json", str(out), "--requests", "60", "--warmup", "5",
-             "--concurrency", "4", "--chaos-requests", "150", "--light-requests", "20"], env, timeout=600)
+             "--concurrency", "4", "--chaos-requests", "150", "--light-requests", "20", "--autoscale-requests", "0"], env, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     s = json.loads(out.read_text())["serve"]
     assert set(s["systems"]) == {"noop", "dynray", "all_cloud", "edge_only"}
