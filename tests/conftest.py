@@ -23,6 +23,16 @@ def tiny_cnn() -> torch.nn.Module:
     return build(DynamicNetConfig(widths=(4, 8, 8), layers=(1, 1, 1), exit_hidden=8)).eval()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny batches gain nothing from intra-op threads, and on a busy 2-core machine the
+    thread pool's contention made such modules 5x slower; the setting is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for every test under tests/ray (RAY_NOTES §10)."""

@@ -7,7 +7,6 @@ session's Ray. Two registry versions of a small model make the A/B and roll test
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -23,15 +22,10 @@ from dynray.payload import encode_array
 from dynray.registry import ModelRegistry
 from dynray.store import load_model, save_model
 from dynray.thresholds import ThresholdRule
+from jobs._ray import free_port
 
 pytestmark = pytest.mark.ray
 APP = "dynray"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _register(reg: ModelRegistry, seed: int, train_images: torch.Tensor) -> str:
@@ -58,7 +52,7 @@ def served(ray_session, tmp_path_factory):
     reg = ModelRegistry(home)
     train = load_dataset("mnist-5k", "train").images
     v1, v2 = _register(reg, 1, train), _register(reg, 2, train)
-    port = _free_port()
+    port = free_port()
     cfg = D.load_config()
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
     app = cfg["applications"][0]

@@ -100,19 +100,13 @@ def test_bad_input_gets_one_line_and_exit_2(demo, env, args, message):
     assert _models(env) == before  # nothing half-written in the registry
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_serve_up_status_roll_down(demo, env):
     """`dynray serve` starts its own local head (all ports free), serves, rolls and stops it."""
     import requests
 
-    port = _free_port()
+    from jobs._ray import free_port
+
+    port = free_port()
     p = run([DYNRAY, "serve", "up", "--port", str(port)], env, timeout=400)
     try:
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]

@@ -24,14 +24,7 @@ VERSION = "tiny:v1"
 EDGE_STAGES = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny batches gain nothing from intra-op threads, and on a busy 2-core machine the
-    thread pool's contention made this module 5x slower; the setting is restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _images(model, n: int = N) -> torch.Tensor:
