@@ -29,6 +29,9 @@ from dynray.failover import DeviceCall, FailoverConfig, Orchestrator
 from dynray.partition import DeviceReply, DeviceRequest, group_requests, split_reply
 from dynray.payload import ErrorResponse, PayloadLimits, PredictRequest, PredictResponse, decode_request
 from dynray.registry import ModelRegistry
+from dynray.routing.features import CostWeights
+from dynray.routing.policy import find_policy
+from dynray.routing.rules import ROUTERS, RouteContext
 from dynray.scheduling import NoDeviceAvailable, get_policy, request_cost
 from dynray.serving import CLOUD, EDGE, INGRESS, NOOP, AppArgs, IngressUserConfig, TierArgs
 from dynray.traffic import TrafficSplit
@@ -36,7 +39,6 @@ from dynray.traffic import TrafficSplit
 __all__ = ["build_app", "Ingress", "Noop", "api"]
 
 log = logging.getLogger(__name__)
-ROUTERS = ("thresholds",)  # stop rules a request may ask for; the learned router arrives with its issue
 RETRY_AFTER_S = 1
 
 api = FastAPI(
@@ -100,6 +102,8 @@ class Ingress:
         k = self.args.edge_stages
         cum_edge = sum(macs["stage"][:1]) + macs["exit"][0]  # start estimate: every sample leaves at the first exit
         self.split = TrafficSplit.of([i.ref for i in infos], cfg.weights)
+        self.routers = {i.ref: (r.ref if (r := find_policy(reg, i)) is not None else None) for i in infos}
+        self.weights = CostWeights(cost=self.args.lambda_cost, lat=self.args.lambda_lat)
         self.limits = PayloadLimits(input_shape=shapes.pop(), max_items=self.args.max_items, max_body_bytes=self.args.max_body_bytes)
         self.profiles = {t: getattr(self.args, t).device_profile(t) for t in ("edge", "cloud")}
         self.orch = Orchestrator(
@@ -142,14 +146,18 @@ class Ingress:
             if declared > self.limits.max_body_bytes:  # refuse before reading a huge body
                 raise RequestError("request body too large", status=413, got=declared, fix=f"send at most {self.limits.max_body_bytes} bytes; split the batch")
             dec = decode_request(await request.body(), request.headers.get("content-type"), self.limits)
-            if dec.router is not None and dec.router not in ROUTERS:
-                raise RequestError("unknown router", status=422, got=dec.router, fix=f"use one of {', '.join(ROUTERS)} or omit it")
+            router = dec.router or self.args.router
+            if router not in ROUTERS:
+                raise RequestError("unknown router", status=422, got=router, fix=f"use one of {', '.join(ROUTERS)} or omit it")
             version = self.split.pick(dec.model_version)
+            if router == "ppo" and self.routers.get(version) is None:
+                raise RequestError(f"no PPO router is registered for {version}", status=422, got=router, fix=f"train one with `dynray router train --model {version}`, or ask for 'hybrid' (falls back to thresholds) or 'thresholds'")
         except RequestError as e:
             self._rejected.inc(tags={M.TAG_STATUS: str(e.status)})
             return _error(e.status, e.message)
+        route = None if router == "thresholds" else RouteContext(router, self.orch.load_snapshot(), self.weights)
         try:
-            ans = await self.orch.answer(dec.images, version)
+            ans = await self.orch.answer(dec.images, version, route)
         except NoDeviceAvailable as e:
             self._unavailable.inc()
             return _error(503, e.message, {"Retry-After": str(RETRY_AFTER_S)})
@@ -167,6 +175,7 @@ class Ingress:
                 "exit": ans.exit_index.tolist(),
                 "tier": ans.tier,
                 "model_version": version,
+                "router": router,
                 "degraded": bool(ans.degraded.any()),
                 "latency_ms": latency_ms,
                 "degraded_mask": ans.degraded.tolist(),
@@ -217,7 +226,8 @@ class Ingress:
 
     @api.get("/v1/models")
     async def models(self) -> JSONResponse:
-        return JSONResponse({**self.split.describe(), "system": self.args.system, "policy": self.args.policy, "edge_stages": self.args.edge_stages})
+        return JSONResponse({**self.split.describe(), "system": self.args.system, "policy": self.args.policy, "edge_stages": self.args.edge_stages,
+                             "router": self.args.router, "ppo_routers": self.routers})
 
 
 @serve.deployment(name=NOOP, max_ongoing_requests=64, graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=1)
@@ -265,6 +275,7 @@ def _device(tier: str, name: str, t: TierArgs, args: AppArgs, home: str, *, last
         threads=t.threads,
         max_batch_size=t.max_batch_size,
         batch_wait_ms=t.batch_wait_ms,
+        hybrid={"min_confidence": args.hybrid_min_confidence, "rl_weight": args.hybrid_rl_weight},
     )
 
 

@@ -26,6 +26,9 @@ from ray import serve
 from dynray.errors import RegistryError, ServingError
 from dynray.partition import DeviceReply, DeviceRequest, StageRange, StageResult, group_requests, run_stages, split_result
 from dynray.registry import ModelRegistry
+from dynray.routing.hybrid import HybridConfig, HybridRouter
+from dynray.routing.policy import PolicyNet, find_policy, load_policy
+from dynray.routing.rules import make_rule
 from dynray.scheduling import DeviceProfile, LoadTracker
 from dynray.serving import DeviceUserConfig
 from dynray.store import StoredModel, load_model
@@ -63,6 +66,7 @@ class Device:
         threads: int = 1,
         max_batch_size: int = 32,
         batch_wait_ms: float = 2.0,
+        hybrid: dict | None = None,
         user_config: dict | None = None,
     ) -> None:
         torch.set_num_threads(threads)
@@ -71,6 +75,9 @@ class Device:
         self.tracker = LoadTracker()
         self.counts = {"forwards": 0, "requests": 0, "samples": 0, "max_requests": 0, "max_samples": 0, "compute_s": 0.0}  # batch fill, real compute time
         self.models: dict[str, StoredModel] = {}
+        self.policies: dict[str, PolicyNet | None] = {}  # version -> its exported PPO router, if registered
+        self.hybrids: dict[str, HybridRouter] = {}
+        self.hybrid_cfg = HybridConfig(**(hybrid or {}))
         self.replica, self._in_serve = _replica_id()
         if self._in_serve:  # @serve.batch needs a replica context; plain actors batch per call
             self._batched.set_max_batch_size(max_batch_size)
@@ -84,12 +91,16 @@ class Device:
         cfg = DeviceUserConfig(**user_config)
         reg = ModelRegistry(registry_home(cfg.home))
         loaded: dict[str, StoredModel] = {}
+        policies: dict[str, PolicyNet | None] = {}
         for ref in cfg.models:
             concrete = reg.resolve(ref).ref
             sm = self.models.get(concrete) or load_model(reg, concrete)
             self._range(sm)  # refuse a model the configured stage range does not fit
             loaded[concrete] = sm
-        self.models = loaded
+            found = find_policy(reg, sm.info)
+            policies[concrete] = load_policy(reg, found.ref, sm.info).policy if found is not None else None
+        self.models, self.policies = loaded, policies
+        self.hybrids = {v: HybridRouter(p, self.models[v].rule, self.hybrid_cfg) for v, p in policies.items() if self.models[v].rule is not None}
         log.info("%s %s hosts %s", self.profile.tier, self.replica, sorted(loaded))
 
     def versions(self) -> list[str]:
@@ -146,7 +157,9 @@ class Device:
         for merged, idx, sizes in group_requests(reqs):
             self._count(len(idx), sum(sizes))
             sm = self.models[merged.version]
-            res = run_stages(sm.model, self._range(sm, merged.start), merged.inp, sm.rule)
+            v = merged.version
+            rule = make_rule(merged.route, sm.rule, self.policies.get(v), self.hybrids.get(v), num_exits=sm.model.num_exits, on_cloud=self.profile.tier == "cloud")
+            res = run_stages(sm.model, self._range(sm, merged.start), merged.inp, rule)
             macs += int(res.macs.sum())
             for i, part in zip(idx, split_result(res, sizes), strict=True):
                 out[i] = (part, 0.0)

@@ -90,12 +90,46 @@ def _print_serve(s: dict) -> None:
         print(f"  autoscale: edge {au['replicas_start']} -> {au['replicas_peak']} replicas under concurrency {au['concurrency']}, first scale-up after {au['seconds_to_first_scale_up']} s")
 
 
+def _print_router(s: dict) -> None:
+    print(f"  model {s['model']}, router {s['router']} (PPO trained in {s['train_minutes'] or float('nan'):.1f} min), {s['n_test']} test samples")
+    sav, det = s["equal_accuracy_cost_saving"], s["equal_accuracy_detail"]
+    for k in ("ppo", "hybrid"):
+        print(f"  {k:<7} cost saving vs thresholds at equal accuracy: median {sav[k]:+.1%} (worst {det[k]['worst']:+.1%}, best {det[k]['best']:+.1%})")
+    print(f"  one PPO policy at {len(s['lambda_sweep'])} lambdas vs thresholds re-tuned per lambda: worst cost gap {s['lambda_sweep_max_gap']:+.1%}")
+    for w in s["lambda_sweep"]:
+        print(f"    lambda {w['lambda']:<6g} PPO acc {w['ppo']['accuracy']:.4f} cost {w['ppo']['cost']:.4f} | thresholds at that accuracy {w['thresholds_cost_at_ppo_accuracy']:.4f} ({w['where']}) gap {w['gap']:+.1%}")
+    ls = s["load_shift"]
+    print(f"  load shift (cloud x{ls['slowdown']:g} for a window, SLO {ls['slo_ms']:g} ms, {ls['requests']} requests, lambda_cost {ls['lambda_cost']:.4g}, lambda_lat {ls['lambda_lat']:g}/ms):")
+    for k in ("thresholds", "ppo", "hybrid"):
+        red = f", {ls['miss_reduction'][k]:+.0%} misses vs thresholds" if k in ls["miss_reduction"] else ""
+        print(f"    {k:<10} SLO misses {ls['slo_misses'][k]:>4}  accuracy {ls['accuracy'][k]:.4f}{red}")
+    print(f"  plot: {s['plot']}")
+
+
 def _cmd_bench(a: argparse.Namespace) -> int:
     from jobs import bench
 
     s = bench.run(a)
     print(f"wrote section '{a.section}' to {a.json}")
-    _print_serve(s) if a.section == "serve" else _print_core(s)
+    {"serve": _print_serve, "router": _print_router}.get(a.section, _print_core)(s)
+    return 0
+
+
+def _cmd_router(a: argparse.Namespace) -> int:
+    from jobs import train_router
+
+    if a.action == "cache":
+        from dynray.registry import ModelRegistry
+        from dynray.routing.cache import write_exit_cache
+        from dynray.store import load_model
+
+        reg = ModelRegistry()
+        stored = load_model(reg, a.model)
+        for split in a.split.split("+"):
+            print(f"cached {stored.info.ref} exit outputs on {split}: {write_exit_cache(reg, stored, split)}")
+        return 0
+    r = train_router.run(a)
+    print(f"registered {r['router']} for {r['model']}: {r['iterations']} PPO iterations in {r['train_minutes']:.1f} min (final mean episode reward {r['final_return']:.4f})")
     return 0
 
 
@@ -163,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jobs.demo import add_demo_args
     from jobs.deploy import add_deploy_args
     from jobs.train import add_train_args
+    from jobs.train_router import add_train_router_args
 
     p = argparse.ArgumentParser(prog="dynray", description="Adaptive inference on Ray: train, calibrate, benchmark and manage early-exit networks.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -195,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_args(s)
     s.set_defaults(fn=_cmd_bench)
 
+    s = sub.add_parser("router", help="train the PPO router of a model (train), or cache its exit outputs (cache)")
+    s.add_argument("action", choices=["train", "cache"])
+    add_train_router_args(s)
+    s.add_argument("--split", default="train+val+test", help="cache: splits to cache, joined by + (default: %(default)s)")
+    s.set_defaults(fn=_cmd_router)
+
     s = sub.add_parser("models", help="list, show or promote registered models")
     s.add_argument("action", choices=["list", "show", "promote"])
     s.add_argument("ref", nargs="?", default=None, help="model ref (show/promote)")
@@ -206,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_serve)
 
     s = sub.add_parser("submit", help="submit a job step (train, calibrate, bench) to a Ray cluster")
-    s.add_argument("step", choices=["train", "calibrate", "bench", "deploy"])
+    s.add_argument("step", choices=["train", "calibrate", "bench", "deploy", "train_router"])
     s.add_argument("args", nargs=argparse.REMAINDER, help="arguments for python -m jobs.STEP")
     s.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS)")
     s.add_argument("--local-python", action="store_true", help="use this interpreter's path in the entrypoint")

@@ -31,6 +31,8 @@ import torch
 
 from dynray.errors import ConfigError
 from dynray.partition import DeviceReply, DeviceRequest, StageInput
+from dynray.routing.features import Load
+from dynray.routing.rules import RouteContext
 from dynray.scheduling import DeviceProfile, LoadReport, NoDeviceAvailable, PathEstimate, SchedulingPolicy, WorkloadEstimate, estimate_paths
 
 __all__ = ["FailoverConfig", "TierView", "Answer", "Orchestrator", "DeviceCall"]
@@ -143,6 +145,16 @@ class Orchestrator:
         self._escalate = _Ewma(0.1)
         self._edge_macs = _Ewma(float(edge_macs))
         self._ms_per_mmac = _Ewma(1.0)
+        # call time per tier as seen from here (network + queue + compute): the router's load input
+        self._call_ms = {t: _Ewma(profiles[t].rtt_ms if t in profiles else 0.0, alpha=0.3) for t in ("edge", "cloud")}
+
+    def load_snapshot(self) -> Load:
+        """Live load as the router observes it: best replica's queue and the call-time EWMA per tier."""
+        q = {}
+        for tier, view in self.views.items():
+            best = view.best()
+            q[tier] = float(best.queue_len) if best is not None else 0.0
+        return Load(edge_queue=q["edge"], edge_ms=self._call_ms["edge"].value, cloud_queue=q["cloud"], cloud_ms=self._call_ms["cloud"].value)
 
     def workload(self) -> WorkloadEstimate:
         _, rest, full = self._macs
@@ -178,6 +190,7 @@ class Orchestrator:
             left = until - now
             if left <= 0 or not view.available(now):
                 return None
+            t_call = self.clock()
             try:
                 reply = await asyncio.wait_for(call(req), timeout=min(timeout_s, left))
             except asyncio.CancelledError:
@@ -188,23 +201,27 @@ class Orchestrator:
                 continue
             view.success(reply)
             self._ms_per_mmac.update(reply.ms_per_mmac)
+            self._call_ms[tier].update((self.clock() - t_call) * 1000)
             return reply
         return None
 
-    async def answer(self, images: torch.Tensor, version: str) -> Answer:
-        """Answer ``images`` [N, C, H, W] with model ``version``; raises NoDeviceAvailable."""
+    async def answer(self, images: torch.Tensor, version: str, route: RouteContext | None = None) -> Answer:
+        """Answer ``images`` [N, C, H, W] with model ``version``; raises NoDeviceAvailable.
+
+        ``route`` names the router the devices apply (None: the model's thresholds).
+        """
         until = self.clock() + self.cfg.deadline_s
         n = images.shape[0]
         path = self.choose_path()
         if path == "cloud_direct":
-            reply = await self._call("cloud", DeviceRequest(version, 0, StageInput(h=images)), self.cfg.cloud_timeout_s, until)
+            reply = await self._call("cloud", DeviceRequest(version, 0, StageInput(h=images), route), self.cfg.cloud_timeout_s, until)
             if reply is not None:
                 return _assemble(n, "cloud_direct", [reply])
-        edge = await self._call("edge", DeviceRequest(version, 0, StageInput(h=images)), self.cfg.edge_timeout_s, until)
+        edge = await self._call("edge", DeviceRequest(version, 0, StageInput(h=images), route), self.cfg.edge_timeout_s, until)
         if edge is None:
             if path == "cloud_direct":  # both tiers failed
                 raise NoDeviceAvailable("no tier could answer within the deadline", got=f"{self.cfg.deadline_s}s", fix="retry after the Retry-After delay")
-            reply = await self._call("cloud", DeviceRequest(version, 0, StageInput(h=images)), self.cfg.cloud_timeout_s, until)
+            reply = await self._call("cloud", DeviceRequest(version, 0, StageInput(h=images), route), self.cfg.cloud_timeout_s, until)
             if reply is None:
                 raise NoDeviceAvailable("no tier could answer within the deadline", got=f"{self.cfg.deadline_s}s", fix="retry after the Retry-After delay")
             return _assemble(n, "cloud_direct", [reply])
@@ -214,7 +231,7 @@ class Orchestrator:
         self._edge_macs.update(float(r.macs.double().mean()))
         if not n_cont:
             return _assemble(n, "edge_first", [edge])
-        cloud = await self._call("cloud", DeviceRequest(version, self.edge_stages, r.cont_input), self.cfg.cloud_timeout_s, until)
+        cloud = await self._call("cloud", DeviceRequest(version, self.edge_stages, r.cont_input, route), self.cfg.cloud_timeout_s, until)
         return _assemble(n, "edge_first", [edge] if cloud is None else [edge, cloud], escalated=n_cont)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from dynray.errors import ConfigError
+from dynray.routing.rules import RouteContext
 from dynray.models.dynamic import DynamicNet, StopRule
 
 __all__ = ["StageRange", "StageInput", "StageResult", "DeviceRequest", "DeviceReply", "run_stages", "range_macs", "concat_inputs", "split_result", "group_requests", "split_reply"]
@@ -86,6 +87,7 @@ class DeviceRequest:
     version: str  # concrete registry ref, name:vN
     start: int  # first stage to run (0 = raw images)
     inp: StageInput
+    route: RouteContext | None = None  # router, live load and cost weights (None: the model's thresholds)
 
 
 @dataclass(frozen=True)
@@ -214,18 +216,19 @@ def split_result(res: StageResult, sizes: list[int]) -> list[StageResult]:
 
 
 def group_requests(reqs: list[DeviceRequest]) -> list[tuple[DeviceRequest, list[int], list[int]]]:
-    """Merge requests that share (version, start) into one: (merged, positions, sizes).
+    """Merge requests that share (version, start, router) into one: (merged, positions, sizes).
 
     Dynamic batching on both sides of a hop uses this: the device runs one forward per
     group, and the ingress sends one call per group instead of one per HTTP request.
     """
-    groups: dict[tuple[str, int], list[int]] = {}
+    groups: dict[tuple[str, int, str], list[int]] = {}
     for i, r in enumerate(reqs):
-        groups.setdefault((r.version, r.start), []).append(i)
+        groups.setdefault((r.version, r.start, r.route.router if r.route else "thresholds"), []).append(i)
     out = []
-    for (version, start), idx in groups.items():
+    for (version, start, _), idx in groups.items():
         inputs = [reqs[i].inp for i in idx]
-        out.append((DeviceRequest(version, start, concat_inputs(inputs)), idx, [x.h.shape[0] for x in inputs]))
+        # requests coalesced within one batch window share the first one's load snapshot
+        out.append((DeviceRequest(version, start, concat_inputs(inputs), reqs[idx[0]].route), idx, [x.h.shape[0] for x in inputs]))
     return out
 
 

@@ -246,7 +246,8 @@ class ModelRegistry:
         if ref is None:
             if "production" in self._read_stages(strict=True):
                 return self.resolve("production")
-            infos = self.list()
+            # artifacts attached to a model version (e.g. its router) are never the default model
+            infos = [i for i in self.list() if not i.meta.get("attached_to")]
             if not infos:
                 raise RegistryError(f"no readable models in {self.home}", fix=_TRAIN_FIX)
             return max(infos, key=lambda i: (_created(i), i.name, i.version))

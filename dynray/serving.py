@@ -90,6 +90,11 @@ class AppArgs(_Strict):
     health_check_period_s: float = Field(1.0, gt=0, description="fast replacement of killed replicas (~2.6 s at 1 s)")
     replica_router: Literal["policy", "serve_default"] = Field("policy", description="replica choice inside a tier: the scheduling policy (custom Serve request router) or Serve's power-of-two-choices")
     routing_stats_period_s: float = Field(0.5, gt=0, description="how often replicas report load to the request router")
+    router: Literal["thresholds", "ppo", "hybrid"] = Field("thresholds", description="stop/escalate router: calibrated thresholds, the PPO policy, or hybrid (policy when sure, thresholds otherwise); a request may override it")
+    lambda_cost: float = Field(0.01, ge=0, description="PPO/hybrid cost weight per cost unit (the operating point)")
+    lambda_lat: float = Field(0.0005, ge=0, description="PPO/hybrid latency weight per ms")
+    hybrid_min_confidence: float = Field(0.9, gt=0, le=1, description="least policy action probability at which the hybrid lets the policy decide")
+    hybrid_rl_weight: float = Field(0.8, ge=0, le=1, description="hybrid's trust in the policy")
 
     @field_validator("policy")
     @classmethod

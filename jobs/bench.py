@@ -14,7 +14,7 @@ from dynray.errors import ConfigError
 from dynray.pipeline import bench_and_write
 from dynray.registry import ModelRegistry
 
-IMPLEMENTED = ("core", "serve")
+IMPLEMENTED = ("core", "serve", "router")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +26,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     from jobs.bench_serve import add_bench_serve_args
 
     add_bench_serve_args(p.add_argument_group("serve section"))
+    from jobs.bench_router import add_bench_router_args
+
+    add_bench_router_args(p.add_argument_group("router section"))
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -35,6 +38,10 @@ def run(a: argparse.Namespace) -> dict:
         from jobs import bench_serve
 
         return bench_serve.run(a)
+    if a.section == "router":
+        from jobs import bench_router
+
+        return bench_router.run(a)
     return bench_and_write(ModelRegistry(), a.model, dataset=a.dataset, json_path=a.json, plot_path=a.plot)
 
 

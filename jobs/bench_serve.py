@@ -43,13 +43,15 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 
-def system_config(base: dict, system: str, ref: str, home: str, port: int) -> dict:
+def system_config(base: dict, system: str, ref: str, home: str, port: int, *, router: str | None = None) -> dict:
     """One-app config for ``system``; replicas pinned (min = max) so every system gets the same."""
     cfg = copy.deepcopy(base)
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
     app = cfg["applications"][0]
     args = app["args"]
     args.update(system=system, home=home, models=[ref])
+    if router is not None:
+        args["router"] = router
     for tier in ("edge", "cloud"):
         t = args.get(tier, {})
         n = t.get("min_replicas", 1)

@@ -31,6 +31,7 @@ def add_traffic_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=None, help="dataset (default: the model's own)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--concurrency", type=int, default=8, help="closed-loop HTTP concurrency")
+    p.add_argument("--router", default="thresholds", choices=["thresholds", "ppo", "hybrid"], help="stop/escalate router the graph serves with (default: %(default)s)")
 
 
 
@@ -45,7 +46,7 @@ def run(a: argparse.Namespace) -> dict:
     labels = split.labels.numpy()
     connect(log_to_driver=False)
     port = free_port()
-    D.deploy(system_config(D.load_config(), "dynray", info.ref, str(reg.home.resolve()), port), timeout_s=180)
+    D.deploy(system_config(D.load_config(), "dynray", info.ref, str(reg.home.resolve()), port, router=getattr(a, "router", None)), timeout_s=180)
     try:
         bodies = [encode_array(images[i : i + 1], dtype="uint8") for i in range(len(images))]
         res = run_load_sync(LoadConfig(url=f"http://127.0.0.1:{port}/dynray/v1/predict", requests=len(images), concurrency=a.concurrency, warmup=50), lambda i: bodies[i])
@@ -55,6 +56,7 @@ def run(a: argparse.Namespace) -> dict:
     exits = Counter(r.body["exit"][0] for r in ok)
     return {
         "model": info.ref,
+        "router": ok[0].body.get("router") if ok else None,
         "split": f"{split.name}/{a.split}",
         "requests": len(images),
         "answered": len(ok),

@@ -20,6 +20,8 @@ from dynray.loadgen import LoadConfig, run_load_sync
 from dynray.models import DynamicNetConfig, build
 from dynray.payload import encode_array
 from dynray.registry import ModelRegistry
+from dynray.routing.features import obs_dim
+from dynray.routing.policy import PolicyNet, save_policy
 from dynray.store import load_model, save_model
 from dynray.thresholds import ThresholdRule
 from jobs._ray import free_port
@@ -44,6 +46,19 @@ def _register(reg: ModelRegistry, seed: int, train_images: torch.Tensor) -> str:
     return info.ref
 
 
+def _register_stop_policy(reg: ModelRegistry, ref: str) -> None:
+    """A router for ``ref`` that is sure every sample should stop at the first exit, so its
+    answers are easy to tell from the thresholds' (which send samples to every exit)."""
+    info = reg.resolve(ref)
+    net = PolicyNet([obs_dim(3), 8, 3])
+    with torch.no_grad():
+        for lin in net.linears():
+            lin.weight.zero_()
+            lin.bias.zero_()
+        net.linears()[-1].bias.copy_(torch.tensor([5.0, 0.0, 0.0]))  # p(stop) = 0.987
+    save_policy(reg, info, net, {"costs": None, "note": "test policy"})
+
+
 @pytest.fixture(scope="module")
 def served(ray_session, tmp_path_factory):
     from actors import deploy as D
@@ -52,6 +67,7 @@ def served(ray_session, tmp_path_factory):
     reg = ModelRegistry(home)
     train = load_dataset("mnist-5k", "train").images
     v1, v2 = _register(reg, 1, train), _register(reg, 2, train)
+    _register_stop_policy(reg, v1)
     port = free_port()
     cfg = D.load_config()
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
@@ -85,6 +101,25 @@ def test_http_predictions_equal_the_offline_model(served):
     tiers = dict(zip(batch["exit"], batch["tier"], strict=True))
     assert tiers.get(0) == "edge" and tiers.get(2) == "cloud", tiers
     assert batch["macs"] == ref.macs.tolist()
+
+
+def test_each_router_setting_answers(served):
+    x = load_dataset("mnist-5k", "test").images[:48]
+    body = encode_array(x)
+    out = {r: _post(served["url"], {**body, "router": r}) for r in ("thresholds", "ppo", "hybrid")}
+    for r, resp in out.items():
+        assert resp.status_code == 200, (r, resp.text)
+        assert resp.json()["router"] == r and len(resp.json()["predictions"]) == 48
+    thr, ppo, hyb = (out[r].json() for r in ("thresholds", "ppo", "hybrid"))
+    assert set(thr["exit"]) == {0, 1, 2}  # the thresholds use every exit
+    # the registered policy stops everything at exit 0 with p = 0.987: PPO follows it, and so
+    # does the hybrid, whose needed confidence is 0.9 + (1 - 0.8) * 0.1 = 0.92
+    assert set(ppo["exit"]) == {0} and set(ppo["tier"]) == {"edge"}
+    assert hyb["exit"] == ppo["exit"] and hyb["predictions"] == ppo["predictions"]
+    models = requests.get(f"{served['url']}/v1/models", timeout=10).json()
+    assert models["ppo_routers"][served["v1"]] == "srv-router:v1" and models["router"] == "thresholds"
+    bad = _post(served["url"], {**body, "router": "sgd"})
+    assert bad.status_code == 422 and "unknown router" in bad.json()["error"]
 
 
 BAD = [

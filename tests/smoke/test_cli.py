@@ -30,15 +30,16 @@ def run(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def demo(env, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "bench.json"
-    p = run([DYNRAY, "demo", "--epochs", "1", "--workers", "1", "--max-drop", "0.02", "--json", str(out)], env)
+    p = run([DYNRAY, "demo", "--epochs", "1", "--workers", "1", "--max-drop", "0.02", "--router-iterations", "2", "--json", str(out)], env)
     assert p.returncode == 0, p.stderr[-3000:]
     return p, out
 
 
 def test_demo_runs_end_to_end_on_a_small_configuration(demo):
     p, out = demo
-    assert "[4/4]" in p.stdout and "MAC saving" in p.stdout
-    assert "1000/1000 answered over HTTP" in p.stdout and "escalated to the cloud tier" in p.stdout
+    assert "[5/5]" in p.stdout and "MAC saving" in p.stdout
+    assert "registered dynnet-mnist-5k-router:v1" in p.stdout  # step 4 trained and registered a PPO router
+    assert "1000/1000 answered over HTTP by router hybrid" in p.stdout and "escalated to the cloud tier" in p.stdout
     core = json.loads(out.read_text())["core"]
     assert core["dataset"] == "mnist-5k" and core["n_test"] == 1000
     assert core["macs_adaptive"] < core["macs_full"]
@@ -89,6 +90,8 @@ def _models(env: dict) -> list[str]:
         (["calibrate", "--model", "dynnet-mnist-5k:v1", "--macs-budget", "10"], "MAC budget"),
         (["calibrate", "--model", "dynnet-mnist-5k:v1", "--max-drop", "-1"], "impossible"),
         (["bench", "security", "--json", "x.json"], "not built yet"),
+        (["router", "train", "--model", "nosuch"], "unknown model"),
+        (["bench", "router", "--model", "dynnet-mnist-5k:v7", "--json", "x.json"], "unknown version"),
     ],
 )
 def test_bad_input_gets_one_line_and_exit_2(demo, env, args, message):
@@ -152,6 +155,25 @@ def test_bench_serve_small(demo, env, tmp_path):
         assert m["errors"] == 0 and m["rps"] > 0, (name, m)
     assert s["systems"]["dynray"]["cost_per_1k"] < s["systems"]["all_cloud"]["cost_per_1k"]
     assert s["chaos"]["answered"] == s["chaos"]["requests"] == 150 and s["chaos"]["errors"] == 0
+
+
+def test_bench_router_uses_the_demo_router(demo, env, tmp_path):
+    out = tmp_path / "router.json"
+    p = run([DYNRAY, "bench", "router", "--json", str(out)], env, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "no router registered" not in p.stdout  # the demo's router was found, not retrained
+    s = json.loads(out.read_text())["router"]
+    assert s["router"] == "dynnet-mnist-5k-router:v1" and s["n_test"] == 1000
+    for name in ("thresholds", "ppo", "hybrid", "oracle"):
+        assert s["curves"][name] and all(0 < pt["accuracy"] <= 1 and pt["cost"] > 0 for pt in s["curves"][name])
+    assert set(s["load_shift"]["slo_misses"]) == {"thresholds", "ppo", "hybrid"}
+    assert set(s["equal_accuracy_cost_saving"]) == {"ppo", "hybrid"} and len(s["lambda_sweep"]) == 5
+    assert isinstance(s["lambda_sweep_max_gap"], float) and 0 < s["train_minutes"] < 5
+    # bounds: no router is more accurate than the oracle, none is cheaper than leaving every sample at exit 1
+    top = max(pt["accuracy"] for pt in s["curves"]["oracle"])
+    floor = s["costs"]["stage_macs"][0] / 1e6 * s["costs"]["edge"]["cost_per_mmac"]
+    assert all(pt["accuracy"] <= top + 1e-9 and pt["cost"] >= floor - 1e-9 for name in ("thresholds", "ppo", "hybrid") for pt in s["curves"][name])
+    assert Path(s["plot"]).stat().st_size > 10_000
 
 
 def test_tampered_checkpoint_is_refused(demo, env):

@@ -1,0 +1,114 @@
+"""The hybrid router: the learned policy where it is sure, calibrated thresholds elsewhere.
+
+At each exit the policy proposes an action with probability ``p_max``. It decides when
+
+    p_max >= min_confidence + (1 - rl_weight) * (1 - min_confidence)
+
+so ``rl_weight = 1`` trusts every policy decision at least ``min_confidence`` sure and
+``rl_weight = 0`` never uses the policy. Otherwise, or when there is no policy, the threshold
+rule decides (stop or continue). ``rl_weight`` adapts online: :meth:`HybridRouter.observe`
+takes the rewards that the policy alone and the rules alone earned (or would have earned) on
+recent requests, and moves the weight towards whichever did better.
+
+Shape legend: B samples, D observation size, A actions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dynray.errors import ConfigError
+from dynray.routing.features import CONTINUE, STOP, check_finite
+from dynray.routing.policy import PolicyNet
+from dynray.thresholds import ThresholdRule
+
+__all__ = ["HybridConfig", "HybridRouter", "Decision"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HybridConfig:
+    """How much the hybrid router trusts its policy, and how fast that trust adapts."""
+
+    min_confidence: float = 0.9
+    """Least action probability at which the policy may decide (with rl_weight = 1)."""
+    rl_weight: float = 0.8
+    """Initial trust in the policy, in [0, 1]."""
+    adapt_rate: float = 0.02
+    """Step of rl_weight per observed batch, times tanh(advantage / reward_scale)."""
+    reward_scale: float = 0.02
+    """Reward difference that counts as a clear win for one side."""
+    ewma: float = 0.1
+    """Smoothing of the observed advantage of the policy over the rules."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_confidence <= 1.0 or not 0.0 <= self.rl_weight <= 1.0:
+            raise ConfigError("min_confidence must be in (0, 1] and rl_weight in [0, 1]", got=(self.min_confidence, self.rl_weight), fix="e.g. min_confidence=0.9, rl_weight=0.8")
+        if self.adapt_rate < 0 or self.reward_scale <= 0 or not 0 < self.ewma <= 1:
+            raise ConfigError("adapt_rate must be >= 0, reward_scale > 0 and ewma in (0, 1]", got=(self.adapt_rate, self.reward_scale, self.ewma))
+
+
+@dataclass(frozen=True)
+class Decision:
+    actions: torch.Tensor  # [B] int64
+    by_policy: torch.Tensor  # [B] bool: the policy decided (else the rules)
+
+
+class HybridRouter:
+    """Policy + thresholds, with an adaptive trust weight (see the module docstring)."""
+
+    def __init__(self, policy: PolicyNet | None, rule: ThresholdRule, cfg: HybridConfig = HybridConfig()) -> None:
+        self.policy, self.rule, self.cfg = policy, rule, cfg
+        self.rl_weight = cfg.rl_weight
+        self.advantage = 0.0
+        self.decisions = {"policy": 0, "rules": 0}
+
+    @property
+    def needed_confidence(self) -> float:
+        c = self.cfg.min_confidence
+        return c + (1.0 - self.rl_weight) * (1.0 - c)
+
+    def decide(self, obs: torch.Tensor, k: int, logits: torch.Tensor, complexity: torch.Tensor, prev_pred: torch.Tensor | None) -> Decision:
+        """obs [B, D], logits [B, C], complexity [B, F] -> actions at exit k."""
+        rules = torch.where(self.rule.stop(k, logits, complexity, prev_pred), STOP, CONTINUE)
+        if self.policy is None:
+            self.decisions["rules"] += rules.shape[0]
+            return Decision(rules, torch.zeros_like(rules, dtype=torch.bool))
+        act, probs = self.policy.act(check_finite(obs))
+        sure = probs.amax(dim=1) >= self.needed_confidence - 1e-9
+        if self.rl_weight <= 0.0:
+            sure = torch.zeros_like(sure)
+        n_pol = int(sure.sum())
+        self.decisions["policy"] += n_pol
+        self.decisions["rules"] += sure.shape[0] - n_pol
+        return Decision(torch.where(sure, act, rules), sure)
+
+    def decide_fn(self):
+        """This router as a :data:`~dynray.routing.rollout.Decide` function."""
+
+        def decide(obs, k, logits, complexity=None, prev_pred=None):
+            return self.decide(obs, k, logits, complexity, prev_pred).actions
+
+        decide.needs_context = True  # type: ignore[attr-defined]
+        return decide
+
+    def observe(self, policy_reward: torch.Tensor, rules_reward: torch.Tensor) -> float:
+        """Rewards [B] the policy alone and the rules alone earned on the same requests.
+
+        Only requests where the two differ move the weight; returns the new ``rl_weight``.
+        """
+        if policy_reward.shape != rules_reward.shape or not policy_reward.numel():
+            raise ConfigError("observe() needs two reward tensors of the same non-empty shape", got=(tuple(policy_reward.shape), tuple(rules_reward.shape)))
+        d = policy_reward.double() - rules_reward.double()
+        d = d[d != 0]  # requests where both would have done the same carry no evidence
+        if not d.numel():
+            return self.rl_weight
+        diff = float(d.mean())
+        if not math.isfinite(diff):
+            raise ConfigError("non-finite reward", got=diff, fix="rewards are correct - costs; check the cost weights")
+        self.advantage += self.cfg.ewma * (diff - self.advantage)
+        step = self.cfg.adapt_rate * math.tanh(self.advantage / self.cfg.reward_scale)
+        self.rl_weight = min(1.0, max(0.0, self.rl_weight + step))
+        return self.rl_weight
