@@ -95,9 +95,11 @@ def _print_router(s: dict) -> None:
     sav, det = s["equal_accuracy_cost_saving"], s["equal_accuracy_detail"]
     for k in ("ppo", "hybrid"):
         print(f"  {k:<7} cost saving vs thresholds at equal accuracy: median {sav[k]:+.1%} (worst {det[k]['worst']:+.1%}, best {det[k]['best']:+.1%})")
-    print(f"  one PPO policy at {len(s['lambda_sweep'])} lambdas vs thresholds re-tuned per lambda: worst cost gap {s['lambda_sweep_max_gap']:+.1%}")
+    print(f"  one PPO policy at {len(s['lambda_sweep'])} lambdas vs thresholds re-tuned per lambda: worst cost gap {s['lambda_sweep_max_gap']:+.1%} "
+          f"(vs the re-tuned frontier: {s['lambda_sweep_max_gap_vs_frontier']:+.1%})")
     for w in s["lambda_sweep"]:
-        print(f"    lambda {w['lambda']:<6g} PPO acc {w['ppo']['accuracy']:.4f} cost {w['ppo']['cost']:.4f} | thresholds at that accuracy {w['thresholds_cost_at_ppo_accuracy']:.4f} ({w['where']}) gap {w['gap']:+.1%}")
+        print(f"    lambda {w['lambda']:<6g} PPO acc {w['ppo']['accuracy']:.4f} cost {w['ppo']['cost']:.4f} | re-tuned thresholds acc {w['thresholds']['accuracy']:.4f} cost {w['thresholds']['cost']:.4f}"
+              f" | gap {w['gap']:+.1%} ({w['compared_with']}), vs frontier {w['gap_vs_frontier']:+.1%}")
     ls = s["load_shift"]
     print(f"  load shift (cloud x{ls['slowdown']:g} for a window, SLO {ls['slo_ms']:g} ms, {ls['requests']} requests, lambda_cost {ls['lambda_cost']:.4g}, lambda_lat {ls['lambda_lat']:g}/ms):")
     for k in ("thresholds", "ppo", "hybrid"):

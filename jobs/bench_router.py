@@ -19,13 +19,14 @@ from dynray.routing.bench import RouterBenchConfig, bench_router, plot_curves
 from dynray.routing.cache import load_exit_cache
 from dynray.routing.costs import RouteCosts
 from dynray.routing.policy import find_policy, load_policy
+from dynray.routing.ppo import PPOTrainConfig
 from dynray.store import load_model
 
 log = logging.getLogger(__name__)
 
 
 def add_bench_router_args(p) -> None:
-    p.add_argument("--router-minutes", type=float, default=4.0, help="router section: PPO budget if a router must be trained first (default: %(default)s)")
+    p.add_argument("--router-minutes", type=float, default=PPOTrainConfig().minutes, help="router section: PPO budget if a router must be trained first (default: %(default)s)")
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -40,7 +41,8 @@ def run(a: argparse.Namespace) -> dict:
     router = find_policy(registry, stored.info)
     if router is None:
         print(f"no router registered for {stored.info.ref}: training one first (dynray router train --model {stored.info.ref})", flush=True)
-        train_router.run(SimpleNamespace(model=stored.info.ref, minutes=getattr(a, "router_minutes", 4.0), iterations=1000, batch_size=4000, env_runners=1, train_splits="train+val", seed=0))
+        d = PPOTrainConfig()
+        train_router.run(SimpleNamespace(model=stored.info.ref, minutes=getattr(a, "router_minutes", d.minutes), iterations=d.iterations, batch_size=4000, env_runners=1, train_splits="train+val", seed=0))
         router = find_policy(registry, stored.info)
     train_router.ensure_caches(registry, stored.info.ref)
     sp = load_policy(registry, router.ref, stored.info)

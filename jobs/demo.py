@@ -10,6 +10,7 @@ import logging
 import time
 from types import SimpleNamespace
 
+from dynray.routing.ppo import PPOTrainConfig
 from dynray.training import TrainConfig
 
 
@@ -20,8 +21,9 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers (default: %(default)s)")
     p.add_argument("--max-drop", type=float, default=0.002, help="calibration target: accuracy drop vs the last exit on val (default: %(default)s)")
     p.add_argument("--json", default="out/bench.json", help="bench JSON output (default: %(default)s)")
-    p.add_argument("--router-minutes", type=float, default=4.0, help="PPO router training budget in minutes (default: %(default)s)")
-    p.add_argument("--router-iterations", type=int, default=60, help="most PPO iterations (default: %(default)s)")
+    r = PPOTrainConfig()
+    p.add_argument("--router-minutes", type=float, default=r.minutes, help="PPO router training budget in minutes (default: %(default)s)")
+    p.add_argument("--router-iterations", type=int, default=r.iterations, help="most PPO iterations (default: %(default)s)")
     p.add_argument("--no-serve", action="store_true", help="skip step 5 (deploy the Serve graph and send the test split over HTTP)")
 
 

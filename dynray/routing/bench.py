@@ -9,7 +9,11 @@ Everything is replayed exactly from cached exit outputs (:mod:`dynray.routing.ro
 - **equal-accuracy saving**: each router point against the thresholds frontier at the same
   accuracy (:mod:`dynray.routing.curves`); the median over the curve is reported.
 - **λ sweep**: the one λ-conditioned policy at 5 λ values against thresholds re-tuned for
-  each λ (on val) at PPO's accuracy; the worst relative cost gap is reported.
+  the same λ on val. When their test accuracies are equal (within ``equal_accuracy``) the
+  pair's costs are compared directly; otherwise against the re-tuned thresholds' frontier at
+  PPO's accuracy. ``lambda_sweep_max_gap`` is the worst relative cost gap;
+  ``lambda_sweep_max_gap_vs_frontier`` is the stricter gap against the frontier of thresholds
+  re-tuned at every λ of the grid, whatever λ reached it.
 - **load shift**: the :mod:`dynray.routing.trace` scenario (cloud x5 for a window), counting
   latency-SLO misses; PPO and hybrid use the λ_cost whose accuracy on the val trace is
   closest to the thresholds' (chosen on val, reported on test).
@@ -48,11 +52,16 @@ class RouterBenchConfig:
     max_drops: tuple[float, ...] = (0.0, 0.002, 0.004, 0.006, 0.01, 0.015, 0.02, 0.03)
     """Targets of the max-drop calibrator for the calibrated-thresholds curve."""
     shift: LoadShift = field(default_factory=LoadShift)
-    shift_lat_weight: float = 1e-3
-    """λ_lat (per ms) of PPO and hybrid in the load-shift scenario."""
     hybrid: HybridConfig = field(default_factory=HybridConfig)
-    warmup_chunk: int = 50
-    """The hybrid adapts rl_weight on val in chunks of this many requests before the test pass."""
+    equal_accuracy: float = 0.002
+    """Accuracies within this (0.2 pt) count as equal when PPO and thresholds at one λ are paired."""
+    chunk: int = 50
+    """The hybrid adapts rl_weight online after every chunk of this many test requests."""
+    shift_lat_weights: tuple[float, ...] = (5e-4, 1e-3, 2e-3, 4e-3)
+    """λ_lat candidates for the load-shift scenario (chosen on the val trace with λ_cost)."""
+    shift_accuracy_tolerance: float = 0.002
+    """On the val trace, candidates within this accuracy of the thresholds' (0.2 pt, inside the
+    target's 0.3 pt) compete on SLO misses."""
 
 
 def policy_decide(policy: PolicyNet):
@@ -71,18 +80,24 @@ def _cost_records(rec: ExitRecords, costs: RouteCosts) -> ExitRecords:
     return replace(rec, cum_macs=torch.tensor(exit_prices(costs).cost, dtype=torch.float64))
 
 
-def _adapt_hybrid(h: HybridRouter, val: ExitRecords, costs: RouteCosts, w: CostWeights, chunk: int, policy: PolicyNet) -> None:
-    """Online adaptation on a pass over val: after each chunk, compare policy-alone and rules-alone rewards."""
-    pol, rules = policy_decide(policy), threshold_decide(h.rule)
-    for lo in range(0, val.labels.shape[0], chunk):
-        idx = torch.arange(lo, min(lo + chunk, val.labels.shape[0]))
-        h.observe(rollout(val, costs, pol, w, index=idx).reward(w), rollout(val, costs, rules, w, index=idx).reward(w))
+def run_hybrid_online(h: HybridRouter, rec: ExitRecords, costs: RouteCosts, w: CostWeights, *, chunk: int, seed: int = 0) -> Paths:
+    """The hybrid on a stream of ``rec``'s samples (random order, ``chunk`` requests at a time).
 
-
-def _hybrid_for(policy: PolicyNet, rule: ThresholdRule, cfg: RouterBenchConfig, val: ExitRecords, costs: RouteCosts, w: CostWeights) -> HybridRouter:
-    h = HybridRouter(policy, rule, cfg.hybrid)
-    _adapt_hybrid(h, val, costs, w, cfg.warmup_chunk, policy)
-    return h
+    Each chunk is decided with the current ``rl_weight``; then the router observes what the
+    policy alone and the rules alone earned on that chunk (labels arrive after the answers)
+    and adapts. Every decision counts, including those made before any adaptation.
+    """
+    order = torch.randperm(rec.labels.shape[0], generator=torch.Generator().manual_seed(seed))
+    pol, rules = policy_decide(h.policy), threshold_decide(h.rule)
+    parts = []
+    for lo in range(0, order.shape[0], chunk):
+        idx = order[lo : lo + chunk]
+        parts.append((idx, rollout(rec, costs, h.decide_fn(), w, index=idx)))
+        if h.policy is not None:
+            h.observe(rollout(rec, costs, pol, w, index=idx).reward(w), rollout(rec, costs, rules, w, index=idx).reward(w))
+    inv = torch.argsort(torch.cat([i for i, _ in parts]))
+    cat = {f: torch.cat([getattr(p, f) for _, p in parts])[inv] for f in ("exit_index", "tier", "correct", "cost", "latency_ms", "macs", "offloaded")}
+    return Paths(**cat)
 
 
 def _summary(comps: list) -> dict:
@@ -110,7 +125,7 @@ def bench_router(
         ppo.append(_pt(p, lam=lam, offloaded=int(p.offloaded.sum())))
         ppo_val[lam] = rollout(val, costs, pol, w).mean_cost
     # the hybrid pairs each calibrated rule with the policy at the λ whose val cost is closest
-    # (matching operating points on val), adapts rl_weight on val, then runs on test
+    # (matching operating points on val), and runs online on test, adapting rl_weight as labels arrive
     calibrated, hyb = [], []
     for d in cfg.max_drops:
         rule = calibrate(val_cost, CalibrationTarget(max_drop=d)).rule
@@ -118,8 +133,8 @@ def bench_router(
         rule_val = rollout(val, costs, threshold_decide(rule), CostWeights()).mean_cost
         lam = min(cfg.curve_lambdas, key=lambda x: abs(ppo_val[x] - rule_val))
         w = CostWeights(cost=lam)
-        h = _hybrid_for(policy, rule, cfg, val, costs, w)
-        hyb.append(_pt(rollout(test, costs, h.decide_fn(), w), source=f"max_drop={d}", lam=lam, rl_weight=h.rl_weight,
+        h = HybridRouter(policy, rule, cfg.hybrid)
+        hyb.append(_pt(run_hybrid_online(h, test, costs, w, chunk=cfg.chunk), source=f"max_drop={d}", lam=lam, rl_weight_end=h.rl_weight,
                        policy_share=h.decisions["policy"] / max(1, sum(h.decisions.values()))))
     thresholds = calibrated + tuned
     orc = oracle(test)
@@ -131,12 +146,17 @@ def bench_router(
 
     # --- one policy, 5 operating points -----------------------------------------------------
     sweep = []
-    per_lambda_front = [p for p in tuned]
     for lam in cfg.sweep_lambdas:
         p = next(x for x in ppo if x["lam"] == lam)
         t = next(x for x in tuned if x["lam"] == lam)
-        c = compare([p], per_lambda_front)[0]
-        sweep.append({"lambda": lam, "ppo": p, "thresholds": t, "thresholds_cost_at_ppo_accuracy": c.thresholds_cost, "gap": -c.saving, "where": c.where})
+        c = compare([p], tuned)[0]  # the frontier of thresholds re-tuned at every λ of the grid
+        if abs(p["accuracy"] - t["accuracy"]) <= cfg.equal_accuracy + 1e-9:
+            # same λ and the same accuracy: compare the pair directly
+            pair, how = p["cost"] / t["cost"] - 1.0, "same lambda"
+        else:  # different accuracies: the re-tuned thresholds' cost at PPO's accuracy
+            pair, how = -c.saving, f"thresholds frontier ({c.where})"
+        sweep.append({"lambda": lam, "ppo": p, "thresholds": t, "gap": pair, "compared_with": how,
+                      "thresholds_frontier_cost_at_ppo_accuracy": c.thresholds_cost, "gap_vs_frontier": -c.saving, "where": c.where})
 
     # --- load shift ---------------------------------------------------------------------------
     shift = load_shift(val, test, costs, policy, production_rule, cfg)
@@ -149,6 +169,7 @@ def bench_router(
         "equal_accuracy_detail": saving,
         "load_shift": shift,
         "lambda_sweep_max_gap": max(s["gap"] for s in sweep),
+        "lambda_sweep_max_gap_vs_frontier": max(s["gap_vs_frontier"] for s in sweep),
         "lambda_sweep": sweep,
         "train_minutes": train_minutes,
         "costs": costs.to_dict(),
@@ -157,27 +178,33 @@ def bench_router(
 
 
 def load_shift(val: ExitRecords, test: ExitRecords, costs: RouteCosts, policy: PolicyNet, rule: ThresholdRule, cfg: RouterBenchConfig) -> dict:
-    """SLO misses of thresholds, PPO and hybrid in the load-shift trace (λ_cost picked on val)."""
+    """SLO misses of thresholds, PPO and hybrid in the load-shift trace.
+
+    The learned routers' operating point (λ_cost, λ_lat) is chosen on the val trace: the
+    fewest SLO misses among the points whose val accuracy is within
+    ``shift_accuracy_tolerance`` of the thresholds' (else the closest accuracy). The test
+    trace then reports all three.
+    """
     shift_val = replace(cfg.shift, requests=min(cfg.shift.requests, 2000))
     thr_val = run_trace(val, costs, threshold_decide(rule), CostWeights(), shift_val)
     pol = policy_decide(policy)
-    best = None
-    for lam in cfg.curve_lambdas:
-        w = CostWeights(cost=lam, lat=cfg.shift_lat_weight)
-        r = run_trace(val, costs, pol, w, shift_val)
-        key = (abs(r.accuracy - thr_val.accuracy), r.slo_misses)
-        if best is None or key < best[0]:
-            best = (key, lam)
-    lam = best[1]
-    w = CostWeights(cost=lam, lat=cfg.shift_lat_weight)
+    cands = []
+    for lat in cfg.shift_lat_weights:
+        for lam in cfg.curve_lambdas:
+            r = run_trace(val, costs, pol, CostWeights(cost=lam, lat=lat), shift_val)
+            gap = thr_val.accuracy - r.accuracy
+            ok = gap <= cfg.shift_accuracy_tolerance + 1e-9  # accuracies are multiples of 1/requests
+            cands.append(((0 if ok else 1, r.slo_misses if ok else gap, abs(gap)), lam, lat))
+    _, lam, lat = min(cands)
+    w = CostWeights(cost=lam, lat=lat)
     out = {"thresholds": run_trace(test, costs, threshold_decide(rule), w, cfg.shift), "ppo": run_trace(test, costs, pol, w, cfg.shift)}
     h = HybridRouter(policy, rule, cfg.hybrid)
-    pol_alone, rules_alone = pol, threshold_decide(rule)
+    rules_alone = threshold_decide(rule)
     weights_seen = []
 
     def feedback(s, w_, edge, cloud, seen, paths):
         idx = torch.tensor([s])
-        rp = rollout(test, costs, pol_alone, w_, edge=edge, cloud=cloud, load=seen, index=idx).reward(w_)
+        rp = rollout(test, costs, pol, w_, edge=edge, cloud=cloud, load=seen, index=idx).reward(w_)
         rr = rollout(test, costs, rules_alone, w_, edge=edge, cloud=cloud, load=seen, index=idx).reward(w_)
         weights_seen.append(h.observe(rp, rr))
 
@@ -188,12 +215,14 @@ def load_shift(val: ExitRecords, test: ExitRecords, costs: RouteCosts, policy: P
         "slowdown": cfg.shift.slowdown,
         "requests": cfg.shift.requests,
         "lambda_cost": lam,
-        "lambda_lat": cfg.shift_lat_weight,
+        "lambda_lat": lat,
+        "val_accuracy_thresholds": thr_val.accuracy,
         "slo_misses": {k: v.slo_misses for k, v in out.items()},
         "accuracy": {k: v.accuracy for k, v in out.items()},
+        "accuracy_gap_pt": {k: 100 * (out[k].accuracy - out["thresholds"].accuracy) for k in ("ppo", "hybrid")},
         "miss_reduction": {k: (1 - out[k].slo_misses / thr) if thr else 0.0 for k in ("ppo", "hybrid")},
         "detail": {k: v.to_dict() for k, v in out.items()},
-        "hybrid_rl_weight": {"start": cfg.hybrid.rl_weight, "min": min(weights_seen), "end": weights_seen[-1]},
+        "hybrid_rl_weight": {"start": cfg.hybrid.rl_weight, "min": min(weights_seen), "max": max(weights_seen), "end": weights_seen[-1]},
     }
 
 

