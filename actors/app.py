@@ -29,6 +29,7 @@ from dynray.failover import DeviceCall, FailoverConfig, Orchestrator
 from dynray.partition import DeviceReply, DeviceRequest, group_requests, split_reply
 from dynray.payload import ErrorResponse, PayloadLimits, PredictRequest, PredictResponse, decode_request
 from dynray.registry import ModelRegistry
+from dynray.routing.costs import RouteCosts
 from dynray.routing.features import CostWeights
 from dynray.routing.policy import find_policy
 from dynray.routing.rules import ROUTERS, RouteContext
@@ -102,7 +103,11 @@ class Ingress:
         k = self.args.edge_stages
         cum_edge = sum(macs["stage"][:1]) + macs["exit"][0]  # start estimate: every sample leaves at the first exit
         self.split = TrafficSplit.of([i.ref for i in infos], cfg.weights)
-        self.routers = {i.ref: (r.ref if (r := find_policy(reg, i)) is not None else None) for i in infos}
+        found = {i.ref: find_policy(reg, i) for i in infos}
+        self.routers = {ref: (r.ref if r is not None else None) for ref, r in found.items()}
+        # the call times the routers were trained with (their "normal"); see Orchestrator.load_snapshot
+        costs = next((r.meta["costs"] for r in found.values() if r is not None and r.meta.get("costs")), None)
+        self.nominal_ms = {t: RouteCosts.from_dict(costs).typical_call_ms(t) for t in ("edge", "cloud")} if costs else None
         self.weights = CostWeights(cost=self.args.lambda_cost, lat=self.args.lambda_lat)
         self.limits = PayloadLimits(input_shape=shapes.pop(), max_items=self.args.max_items, max_body_bytes=self.args.max_body_bytes)
         self.profiles = {t: getattr(self.args, t).device_profile(t) for t in ("edge", "cloud")}
@@ -155,7 +160,7 @@ class Ingress:
         except RequestError as e:
             self._rejected.inc(tags={M.TAG_STATUS: str(e.status)})
             return _error(e.status, e.message)
-        route = None if router == "thresholds" else RouteContext(router, self.orch.load_snapshot(), self.weights)
+        route = None if router == "thresholds" else RouteContext(router, self.orch.load_snapshot(self.nominal_ms), self.weights)
         try:
             ans = await self.orch.answer(dec.images, version, route)
         except NoDeviceAvailable as e:
@@ -227,7 +232,7 @@ class Ingress:
     @api.get("/v1/models")
     async def models(self) -> JSONResponse:
         return JSONResponse({**self.split.describe(), "system": self.args.system, "policy": self.args.policy, "edge_stages": self.args.edge_stages,
-                             "router": self.args.router, "ppo_routers": self.routers})
+                             "router": self.args.router, "ppo_routers": self.routers, "router_load": self.orch.load_snapshot(self.nominal_ms).__dict__})
 
 
 @serve.deployment(name=NOOP, max_ongoing_requests=64, graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=1)

@@ -131,7 +131,7 @@ def _cmd_router(a: argparse.Namespace) -> int:
             print(f"cached {stored.info.ref} exit outputs on {split}: {write_exit_cache(reg, stored, split)}")
         return 0
     r = train_router.run(a)
-    print(f"registered {r['router']} for {r['model']}: {r['iterations']} PPO iterations in {r['train_minutes']:.1f} min (final mean episode reward {r['final_return']:.4f})")
+    print(f"registered {r['router']} for {r['model']}: {r['iterations']} PPO iterations in {r['train_minutes']:.1f} min (last mean episode reward, shaped: {r['final_return']:.4f})")
     return 0
 
 

@@ -146,15 +146,30 @@ class Orchestrator:
         self._edge_macs = _Ewma(float(edge_macs))
         self._ms_per_mmac = _Ewma(1.0)
         # call time per tier as seen from here (network + queue + compute): the router's load input
-        self._call_ms = {t: _Ewma(profiles[t].rtt_ms if t in profiles else 0.0, alpha=0.3) for t in ("edge", "cloud")}
+        self._call_ms = {t: _Ewma(profiles[t].rtt_ms if t in profiles else 0.0, alpha=0.3) for t in ("edge", "cloud")}  # restarts at the first call
+        self._calls = {"edge": 0, "cloud": 0}
+        self._base_ms: dict[str, float | None] = {"edge": None, "cloud": None}  # lowest call-time EWMA seen: the tier's normal
 
-    def load_snapshot(self) -> Load:
-        """Live load as the router observes it: best replica's queue and the call-time EWMA per tier."""
+    def load_snapshot(self, nominal_ms: dict[str, float] | None = None) -> Load:
+        """Live load as the router observes it: the best replica's queue and each tier's call time.
+
+        With ``nominal_ms`` (the call times the router was trained with), a tier's call time is
+        reported as ``nominal * EWMA / normal``, where normal is the lowest EWMA seen: the
+        router sees how much slower than usual each tier is, without the constant per-hop
+        overhead of the serving stack it never saw in training.
+        """
         q = {}
         for tier, view in self.views.items():
             best = view.best()
             q[tier] = float(best.queue_len) if best is not None else 0.0
-        return Load(edge_queue=q["edge"], edge_ms=self._call_ms["edge"].value, cloud_queue=q["cloud"], cloud_ms=self._call_ms["cloud"].value)
+        ms = {}
+        for t in ("edge", "cloud"):
+            ewma, base = self._call_ms[t].value, self._base_ms[t]
+            if nominal_ms is None:
+                ms[t] = ewma
+            else:
+                ms[t] = nominal_ms[t] * (ewma / base) if base else nominal_ms[t]
+        return Load(edge_queue=q["edge"], edge_ms=ms["edge"], cloud_queue=q["cloud"], cloud_ms=ms["cloud"])
 
     def workload(self) -> WorkloadEstimate:
         _, rest, full = self._macs
@@ -201,7 +216,14 @@ class Orchestrator:
                 continue
             view.success(reply)
             self._ms_per_mmac.update(reply.ms_per_mmac)
-            self._call_ms[tier].update((self.clock() - t_call) * 1000)
+            ms = (self.clock() - t_call) * 1000
+            if self._calls[tier] == 0:
+                self._call_ms[tier].value = ms
+            self._call_ms[tier].update(ms)
+            self._calls[tier] += 1
+            if self._calls[tier] >= 8:  # past the first calls (cold replicas, the EWMA's start value)
+                cur, base = self._call_ms[tier].value, self._base_ms[tier]
+                self._base_ms[tier] = cur if base is None else min(base, cur)
             return reply
         return None
 

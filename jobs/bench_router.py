@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def add_bench_router_args(p) -> None:
+    p.add_argument("--router", default=None, help="router section: router ref (default: the newest registered for the model)")
     p.add_argument("--router-minutes", type=float, default=PPOTrainConfig().minutes, help="router section: PPO budget if a router must be trained first (default: %(default)s)")
 
 
@@ -38,7 +39,7 @@ def run(a: argparse.Namespace) -> dict:
         raise ConfigError("the router bench replays the model's own dataset", got=a.dataset, fix=f"omit --dataset or use {stored.dataset}")
     if stored.rule is None:
         raise ConfigError(f"{stored.info.ref} has no thresholds to compare against", fix=f"dynray calibrate --model {stored.info.ref} --max-drop 0.002")
-    router = find_policy(registry, stored.info)
+    router = registry.resolve(a.router) if getattr(a, "router", None) else find_policy(registry, stored.info)
     if router is None:
         print(f"no router registered for {stored.info.ref}: training one first (dynray router train --model {stored.info.ref})", flush=True)
         d = PPOTrainConfig()

@@ -49,7 +49,7 @@ def run(a: argparse.Namespace) -> int:
 
     print(f"[4/5] training the PPO router of {c['model']} with RLlib (budget {a.router_minutes:g} min, at most {a.router_iterations} iterations)", flush=True)
     rt = train_router.run(SimpleNamespace(model=c["model"], minutes=a.router_minutes, iterations=a.router_iterations, batch_size=4000, env_runners=1, train_splits="train+val", seed=0))
-    print(f"      registered {rt['router']}: {rt['iterations']} iterations in {rt['train_minutes']:.1f} min, final mean episode reward {rt['final_return']:.4f}", flush=True)
+    print(f"      registered {rt['router']}: {rt['iterations']} iterations in {rt['train_minutes']:.1f} min", flush=True)
     if not a.no_serve:
         from jobs import traffic
 

@@ -397,3 +397,32 @@ def test_a_tier_reporting_only_unhealthy_replicas_is_not_chosen(tiny_cnn):
     orch.views["edge"].loads["edge-0"] = LoadReport(replica="edge-0", profile=EDGE_PROFILE, in_flight=0, queue_len=0, ewma_service_ms=0.0, healthy=False)
     assert [e.path for e in orch.estimates()] == ["cloud_direct"]
     assert orch.choose_path() == "cloud_direct"
+
+
+def test_router_load_is_relative_to_each_tiers_normal(setup):
+    """The router sees nominal * (call-time EWMA / lowest EWMA seen): constant serving
+    overhead cancels, a tier that gets 5x slower reads as 5x its nominal call time."""
+    model, x, rule, ref, edge_ref, edge, cloud = setup
+    clock = Clock()
+    e, c = edge(), cloud()
+
+    async def timed(dev, ms):
+        async def call(req):
+            clock.t += ms / 1000  # the call takes `ms` on the orchestrator's clock
+            return await dev(req)
+        return call
+
+    async def run(cloud_ms: float, n: int):
+        orch.calls = {"edge": await timed(e, 30.0), "cloud": await timed(c, cloud_ms)}
+        for _ in range(n):
+            await orch.answer(x, VERSION)
+
+    orch = _orch(model, e, c, clock=clock)
+    nominal = {"edge": 6.0, "cloud": 45.0}
+    assert orch.load_snapshot(nominal).cloud_ms == 45.0  # no calls yet: nominal
+    asyncio.run(run(80.0, 20))  # a serving stack that adds overhead: every cloud call takes 80 ms
+    steady = orch.load_snapshot(nominal)
+    assert steady.edge_ms == pytest.approx(6.0, rel=0.02) and steady.cloud_ms == pytest.approx(45.0, rel=0.02)
+    assert orch.load_snapshot().cloud_ms == pytest.approx(80.0, rel=0.02)  # raw EWMA without nominal
+    asyncio.run(run(400.0, 20))  # the cloud gets 5x slower
+    assert orch.load_snapshot(nominal).cloud_ms == pytest.approx(5 * 45.0, rel=0.05)
