@@ -8,12 +8,14 @@ all use this; a test checks it against :meth:`DynamicNet.forward_exits`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
 from dynray.models.dynamic import DynamicNet, StopRule
+from dynray.models.moe import MoEOutput
 
 __all__ = ["ExitRecords", "Outcome", "collect_exit_outputs", "simulate", "oracle"]
 
@@ -56,13 +58,20 @@ class Outcome:
 
 
 @torch.no_grad()
-def collect_exit_outputs(model: DynamicNet, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 512) -> ExitRecords:
-    """Run every exit on every sample once (eval mode) and cache the results."""
+def collect_exit_outputs(
+    model: DynamicNet, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 512, on_batch: Callable[[list[MoEOutput]], None] | None = None
+) -> ExitRecords:
+    """Run every exit on every sample once (eval mode) and cache the results.
+
+    ``on_batch`` receives each batch's MoE block outputs (expert usage statistics).
+    """
     model.eval()
     chunks, cx = [], []
     for i in range(0, len(images), batch_size):
         xb = images[i : i + batch_size]
         chunks.append(torch.stack(model(xb)))  # [K, b, C]
+        if on_batch is not None:
+            on_batch(model.moe_outputs())
         cx.append(model.complexity(xb))
     return ExitRecords(
         logits=torch.cat(chunks, dim=1),

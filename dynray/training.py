@@ -17,7 +17,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,11 +30,12 @@ from dynray.errors import ConfigError
 from dynray.evaluation import collect_exit_outputs, simulate
 from dynray.finetune import FinetuneConfig, param_groups, set_frozen_modes, trainable_stages
 from dynray.models import DynamicNet, DynamicNetConfig, MultiExitLoss, build
+from dynray.models.moe import MoEConfig, MoEUsage
 from dynray.registry import default_home
 from dynray.schedules import anneal, anneal_vector
 from dynray.thresholds import ThresholdRule
 
-__all__ = ["TrainConfig", "TrainOutcome", "default_model_config", "train_epoch", "evaluate", "train_loop_per_worker", "fit"]
+__all__ = ["TrainConfig", "TrainOutcome", "default_model_config", "default_moe_config", "model_config_for", "ARCHS", "train_epoch", "evaluate", "train_loop_per_worker", "fit"]
 log = logging.getLogger(__name__)
 
 
@@ -116,6 +117,35 @@ def default_model_config(dataset: str) -> DynamicNetConfig:
     return DynamicNetConfig(input_shape=spec.input_shape, num_classes=spec.num_classes)
 
 
+def default_moe_config(dataset: str, moe: MoEConfig | None = None) -> DynamicNetConfig:
+    """``--arch moe``: the default DynamicNet whose last stage ends in an MoE block.
+
+    The last stage gives up one conv layer for the block; with the default expert ratio and
+    top-2 routing the active MACs per sample equal the dense default's (plus the gate's).
+    """
+    base = default_model_config(dataset)
+    last = base.num_exits - 1
+    layers = base.layers[:last] + (max(1, base.layers[last] - 1),)
+    return replace(base, layers=layers, moe=moe or MoEConfig(stages=(last,)))
+
+
+def model_config_for(dataset: str, arch: str) -> DynamicNetConfig:
+    """The default model of an architecture family: ``dense``, ``moe`` or ``moe-dense``
+    (the MoE model's dense twin at equal active MACs, what the MoE bench compares against)."""
+    if arch == "dense":
+        return default_model_config(dataset)
+    moe_cfg = default_moe_config(dataset)
+    if arch == "moe":
+        return moe_cfg
+    if arch == "moe-dense":
+        assert moe_cfg.moe is not None
+        return replace(moe_cfg, moe=moe_cfg.moe.dense_equivalent())
+    raise ConfigError("unknown architecture family", got=arch, fix=f"use one of {', '.join(ARCHS)}")
+
+
+ARCHS = ("dense", "moe", "moe-dense")
+
+
 @dataclass(frozen=True)
 class TrainOutcome:
     model: DynamicNet
@@ -159,6 +189,7 @@ def train_epoch(
     total_steps = steps * cfg.epochs
     base = [g["initial_lr"] for g in opt.param_groups]
     sums, seen = torch.zeros(model.num_exits), 0
+    usage = MoEUsage()
     for i in range(steps):
         f = _lr_factor(step0 + i, steps, total_steps)
         for g, b in zip(opt.param_groups, base, strict=True):
@@ -168,21 +199,31 @@ def train_epoch(
         if cfg.augment:
             xb = random_affine(xb, gen, hflip=xb.shape[1] == 3)
         parts = loss_fn(net(xb), yb, weights)
+        loss = parts.total
+        if model.moe_by_stage:  # balance + z losses of the MoE gates, with their coefficients
+            loss = loss + model.moe_aux_loss()
+            usage.add(model.moe_outputs())
         opt.zero_grad(set_to_none=True)
-        parts.total.backward()
+        loss.backward()
         opt.step()
         sums += torch.tensor(parts.per_exit) * len(yb)
         seen += len(yb)
-    return {"loss_per_exit": (sums / max(seen, 1)).tolist(), "steps": steps, "exit_weights": list(weights)}
+    out = {"loss_per_exit": (sums / max(seen, 1)).tolist(), "steps": steps, "exit_weights": list(weights)}
+    if model.moe_by_stage:
+        out["moe"] = usage.summary()
+    return out
 
 
 @torch.no_grad()
 def evaluate(model: DynamicNet, data: Split, *, threshold: float) -> dict:
     """Per-exit accuracy, and the adaptive accuracy/MAC saving at one max-softmax threshold."""
-    rec = collect_exit_outputs(model, data.images, data.labels)
+    usage = MoEUsage()
+    rec = collect_exit_outputs(model, data.images, data.labels, on_batch=usage.add if model.moe_by_stage else None)
     rule = ThresholdRule(thresholds=(threshold,) * (model.num_exits - 1))
     out = simulate(rec, rule)
+    moe = {"moe": usage.summary()} if model.moe_by_stage else {}
     return {
+        **moe,
         "exit_accuracy": rec.exit_accuracy(),
         "accuracy_full": rec.exit_accuracy()[-1],
         "threshold": threshold,
@@ -242,7 +283,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             opt.load_state_dict(state["optimizer"])
             start = state["epoch"] + 1
             history = json.loads((Path(d) / "history.json").read_text())
-    net = ray.train.torch.prepare_model(model, move_to_device=False)
+    # an expert that gets no tokens in a step has no gradient there: DDP must expect that
+    ddp_kwargs = {"find_unused_parameters": True} if model.moe_by_stage else None
+    net = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy_kwargs=ddp_kwargs)
     steps_per_epoch = (len(train) // world) // cfg.batch_size
     t0 = time.perf_counter()
     for epoch in range(start, cfg.epochs):
@@ -257,12 +300,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 epoch + 1, cfg.epochs, stats["loss_per_exit"][-1], [round(a, 4) for a in metrics["val_exit_accuracy"]],
                 metrics["val_threshold"], metrics["val_accuracy_adaptive"], metrics["val_macs_ratio"], el, eta,
             )
+            if "moe" in stats:
+                tr, va = stats["moe"], metrics["val_moe"]
+                log.info(
+                    "    experts: least share %.2fx uniform (val %.2fx), dropped %.2f%% in training, %.2f%% on val",
+                    tr["expert_share_min_vs_uniform"], va["expert_share_min_vs_uniform"], 100 * tr["dropped_frac"], 100 * va["dropped_frac"],
+                )
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
                 _save_checkpoint(Path(d), model, opt, epoch, history)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)}, checkpoint=checkpoint)
+            ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, checkpoint=checkpoint)
 
 
 def fit(cfg: TrainConfig, *, init_state: dict[str, torch.Tensor] | None = None, run_name: str | None = None) -> TrainOutcome:

@@ -9,20 +9,23 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 
 from dynray.data import load_dataset
 from dynray.finetune import FinetuneConfig
 from dynray.store import load_model
 from dynray.pipeline import train_and_register
 from dynray.registry import ModelRegistry
-from dynray.training import TrainConfig
+from dynray.models.config import DynamicNetConfig
+from dynray.models.moe import MoEConfig
+from dynray.training import ARCHS, TrainConfig, model_config_for
 from jobs._ray import connect
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     p.add_argument("--dataset", default=d.dataset, help="dataset name (default: %(default)s)")
-    p.add_argument("--arch", default="dense", choices=["dense"], help="architecture family (MoE lands with its issue)")
+    p.add_argument("--arch", default="dense", choices=ARCHS, help="dense DynamicNet, moe (last stage ends in an MoE block), or moe-dense (its dense twin at equal active MACs)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
     p.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per-worker batch (default: %(default)s)")
@@ -31,12 +34,36 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill", type=float, default=d.distill_alpha, help="self-distillation share (default: %(default)s)")
     p.add_argument("--schedule", default=d.schedule, choices=["linear", "cosine", "exponential"], help="annealing schedule")
     p.add_argument("--no-augment", action="store_true", help="disable random affine augmentation")
-    p.add_argument("--name", default=None, help="registry name (default: dynnet-DATASET)")
+    p.add_argument("--name", default=None, help="registry name (default: dynnet-DATASET, moe-DATASET or moe-dense-DATASET)")
+    m = MoEConfig()
+    g = p.add_argument_group("mixture of experts (--arch moe)")
+    g.add_argument("--experts", type=int, default=m.num_experts, help="experts per MoE block (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=m.top_k, help="experts per sample (default: %(default)s)")
+    g.add_argument("--gate", default=m.gate, choices=["noisy_topk", "switch", "gshard"], help="gating (default: %(default)s)")
+    g.add_argument("--groups", type=int, default=m.groups, help="expert groups; > 1 = hierarchical MoE (default: %(default)s)")
+    g.add_argument("--moe-stages", type=int, nargs="+", default=None, help="0-based stages that get an MoE block (default: the last)")
+
+
+def _model_config(a: argparse.Namespace) -> DynamicNetConfig:
+    arch = getattr(a, "arch", "dense")
+    if arch == "dense":
+        return model_config_for(a.dataset, "dense")
+    cfg = model_config_for(a.dataset, "moe")
+    assert cfg.moe is not None
+    moe = replace(cfg.moe, num_experts=a.experts, top_k=a.top_k, gate=a.gate, groups=a.groups)
+    if a.moe_stages:  # explicit stages keep the dense layer counts
+        cfg = replace(cfg, layers=model_config_for(a.dataset, "dense").layers)
+        moe = replace(moe, stages=tuple(a.moe_stages))
+    return replace(cfg, moe=moe.dense_equivalent() if arch == "moe-dense" else moe)
+
+
+def default_name(dataset: str, arch: str) -> str:
+    return {"dense": "dynnet", "moe": "moe", "moe-dense": "moe-dense"}[arch] + f"-{dataset}"
 
 
 def config_from_args(a: argparse.Namespace, finetune: FinetuneConfig | None = None) -> TrainConfig:
     return TrainConfig(
-        dataset=a.dataset, epochs=a.epochs, workers=a.workers, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+        dataset=a.dataset, model=_model_config(a), epochs=a.epochs, workers=a.workers, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
         distill_alpha=a.distill, schedule=a.schedule, augment=not a.no_augment, finetune=finetune,
     )
 
@@ -57,7 +84,8 @@ def run(a: argparse.Namespace, *, finetune: FinetuneConfig | None = None, init_r
         cfg = TrainConfig(**{**cfg.__dict__, "model": stored.model.cfg})
     val = load_dataset(cfg.dataset, "val", root=cfg.data_root)  # missing files: one clear error before Ray starts
     connect(num_cpus=max(2, cfg.workers))
-    info, outcome = train_and_register(cfg, registry, name=a.name, parent=parent, init_state=init_state, val=val)
+    name = a.name or (None if init_ref else default_name(cfg.dataset, getattr(a, "arch", "dense")))
+    info, outcome = train_and_register(cfg, registry, name=name, parent=parent, init_state=init_state, val=val)
     return {"model": info.ref, "metrics": info.meta["metrics"], "seconds": outcome.seconds}
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from dynray.errors import ConfigError, UnknownNameError
 from dynray.models.config import DynamicNetConfig
+from dynray.models.moe import MoEBlock
 
 __all__ = ["BACKBONES", "register_backbone", "make_backbone"]
 
@@ -88,7 +89,7 @@ def _head(in_features: int, cfg: DynamicNetConfig, *, final: bool) -> nn.Sequent
 @register_backbone("cnn")
 def cnn_backbone(cfg: DynamicNetConfig) -> tuple[nn.ModuleList, nn.ModuleList]:
     """Conv-BN-ReLU stages; every stage but the last halves the resolution (a strided first
-    conv, or a 2x2 max-pool at the end).
+    conv, or a 2x2 max-pool at the end). An MoE stage ends its convs with an MoE block.
 
     Early exits average-pool to ``exit_pool``² and run a small MLP; the last exit is global
     average pooling plus a linear layer, as in ResNet.
@@ -109,6 +110,8 @@ def cnn_backbone(cfg: DynamicNetConfig) -> tuple[nn.ModuleList, nn.ModuleList]:
             c_in = width
             if stride > 1:
                 h, w = (h + 1) // 2, (w + 1) // 2
+        if cfg.moe is not None and k in cfg.moe.stages:
+            body.append(MoEBlock(cfg.moe, kind="cnn", width=width, block=k, spatial=(h, w), kernel_size=cfg.kernel_size))
         if not final and cfg.strides[k] == 1:
             body.append(nn.MaxPool2d(2))
             h, w = h // 2, w // 2
@@ -134,6 +137,8 @@ def mlp_backbone(cfg: DynamicNetConfig) -> tuple[nn.ModuleList, nn.ModuleList]:
         for _ in range(n_layers):
             body += [nn.Linear(d_in, width), nn.ReLU(inplace=True)]
             d_in = width
+        if cfg.moe is not None and k in cfg.moe.stages:
+            body.append(MoEBlock(cfg.moe, kind="mlp", width=width, block=k))
         stages.append(nn.Sequential(*body))
         exits.append(_head(width, cfg, final=k == cfg.num_exits - 1))
     return stages, exits

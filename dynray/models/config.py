@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynray.errors import ConfigError
+from dynray.models.gating import MoEConfig
 
 __all__ = ["DynamicNetConfig", "config_to_dict", "config_from_dict"]
 
@@ -40,6 +41,8 @@ class DynamicNetConfig:
     """Hidden units of the early exit heads' MLP; 0 makes them a single linear layer."""
     dropout: float = 0.0
     """Dropout before each exit head's last linear layer (training only)."""
+    moe: MoEConfig | None = None
+    """Mixture-of-experts stages (dynray.models.moe); None = a dense network."""
 
     def __post_init__(self) -> None:
         if len(self.widths) < 2:
@@ -64,21 +67,34 @@ class DynamicNetConfig:
             raise ConfigError("kernel_size must be odd and positive", got=self.kernel_size, fix="use 3 or 5")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout must be in [0, 1)", got=self.dropout, fix="use e.g. 0.1")
+        if self.moe is not None and max(self.moe.stages) >= len(self.widths):
+            raise ConfigError("an MoE stage index is past the last stage", got=self.moe.stages, fix=f"use 0-based stage indices below {len(self.widths)}")
 
     @property
     def num_exits(self) -> int:
         return len(self.widths)
 
 
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _jsonable(v) if isinstance(v, dict) else list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
 def config_to_dict(cfg: DynamicNetConfig) -> dict[str, Any]:
-    """JSON-ready dict (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    """JSON-ready dict (tuples become lists; ``moe`` a nested dict or None)."""
+    return _jsonable(dataclasses.asdict(cfg))
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields", got=sorted(unknown), fix=f"valid fields: {sorted(names)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def config_from_dict(d: dict[str, Any]) -> DynamicNetConfig:
     """Inverse of :func:`config_to_dict`; unknown keys are refused with the valid ones."""
-    names = {f.name for f in dataclasses.fields(DynamicNetConfig)}
-    unknown = set(d) - names
-    if unknown:
-        raise ConfigError("unknown DynamicNetConfig fields", got=sorted(unknown), fix=f"valid fields: {sorted(names)}")
-    return DynamicNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    d = dict(d)
+    if d.get("moe") is not None:
+        d["moe"] = _from_dict(MoEConfig, d["moe"])
+    return _from_dict(DynamicNetConfig, d)

@@ -21,6 +21,7 @@ from dynray.errors import InputValidationError
 from dynray.models.backbones import make_backbone
 from dynray.models.config import DynamicNetConfig
 from dynray.models.macs import MacProfile, module_macs
+from dynray.models.moe import ExpertRunner, MoEBlock, MoEOutput
 
 __all__ = ["DynamicNet", "ExitOutput", "StopRule", "StopAtExit"]
 
@@ -57,6 +58,7 @@ class ExitOutput:
     exit_index: torch.Tensor  # [B] int64, 0-based exit each sample left at
     macs: torch.Tensor  # [B] int64 MACs spent on each sample
     stage_batch: tuple[int, ...]  # samples that entered each stage (compaction trace)
+    rerouted: torch.Tensor | None = None  # [B] bool: an MoE expert failed and another answered (None: no MoE stage)
 
 
 class DynamicNet(nn.Module):
@@ -67,7 +69,11 @@ class DynamicNet(nn.Module):
         self.cfg = cfg
         self.stages, self.exits = make_backbone(cfg)
         self.complexity = ComplexityFeatures()
+        self.moe_by_stage: dict[int, list[MoEBlock]] = {
+            k: blocks for k, stage in enumerate(self.stages) if (blocks := [m for m in stage.modules() if isinstance(m, MoEBlock)])
+        }
         self.mac_profile = self._profile_macs()
+        self._reset_moe()
         self.register_buffer("_cum_macs", torch.tensor(self.mac_profile.cumulative, dtype=torch.int64), persistent=False)
 
     @property
@@ -86,6 +92,44 @@ class DynamicNet(nn.Module):
         self.train(was_training)
         return MacProfile(stage=tuple(stage), exit=tuple(exit_))
 
+    # -- mixture of experts ------------------------------------------------------------
+    def moe_blocks(self) -> list[MoEBlock]:
+        """Every MoE block, in stage order (empty for a dense network)."""
+        return [b for k in sorted(self.moe_by_stage) for b in self.moe_by_stage[k]]
+
+    def set_expert_runner(self, runner: ExpertRunner | None) -> None:
+        """Run the MoE experts through ``runner`` (e.g. Ray actors); None = the local modules."""
+        for b in self.moe_blocks():
+            b.runner = runner
+
+    def _reset_moe(self) -> None:
+        for b in self.moe_blocks():
+            b.last = None
+
+    def moe_outputs(self) -> list[MoEOutput]:
+        """The latest forward's output of every MoE block that ran."""
+        return [b.last for b in self.moe_blocks() if b.last is not None]
+
+    def moe_aux_loss(self) -> torch.Tensor:
+        """Balance + z losses (with their coefficients) of the latest forward; 0 without MoE."""
+        return sum((o.aux_loss for o in self.moe_outputs()), torch.zeros(()))
+
+    def _moe_extras(self, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """After stage k ran on n samples: (MAC correction [n], rerouted [n]) from its MoE blocks.
+
+        The static profile counts A experts per token; a token whose assignment was dropped
+        (or rerouted to a second expert after a failure) really cost one expert less (or more).
+        """
+        blocks = self.moe_by_stage.get(k)
+        if not blocks:
+            return None
+        delta, rerouted = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.bool)
+        for b in blocks:
+            assert b.last is not None and b.last.active.shape[0] == n
+            delta += (b.last.active - b.cfg.active_experts) * b.expert_macs
+            rerouted |= b.last.rerouted
+        return delta, rerouted
+
     def validate_input(self, x: object) -> torch.Tensor:
         """Refuse inputs the model cannot answer for, with a message that names the fix."""
         want = tuple(self.cfg.input_shape)
@@ -103,6 +147,7 @@ class DynamicNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Training/analysis path: logits of every exit for every sample, K x [B, C]."""
+        self._reset_moe()
         out = []
         h = x
         for stage, head in zip(self.stages, self.exits, strict=True):
@@ -114,6 +159,7 @@ class DynamicNet(nn.Module):
     def forward_exits(self, x: torch.Tensor, stop_rule: StopRule) -> ExitOutput:
         """Adaptive inference with batch compaction. x: [B, *input_shape] in [0, 1]."""
         x = self.validate_input(x)
+        self._reset_moe()
         n = x.shape[0]
         logits_out = x.new_empty(n, self.cfg.num_classes)  # [B, C]
         exit_out = torch.full((n,), self.num_exits - 1, dtype=torch.int64)  # [B]
@@ -125,9 +171,14 @@ class DynamicNet(nn.Module):
         b_prev: torch.Tensor | None = None  # [b] previous exit's prediction
         seen: list[int] = []
         last = self.num_exits - 1
+        macs_delta = torch.zeros(n, dtype=torch.int64)  # [B] MoE corrections to the static profile
+        rerouted = torch.zeros(n, dtype=torch.bool) if self.moe_by_stage else None
         for k, (stage, head) in enumerate(zip(self.stages, self.exits, strict=True)):
             seen.append(h.shape[0])
             h = stage(h)
+            if (extra := self._moe_extras(k, h.shape[0])) is not None:
+                macs_delta.index_add_(0, b_idx, extra[0])
+                rerouted[b_idx] |= extra[1]  # type: ignore[index]
             b_logits = head(h)  # [b, C]
             if k == last:
                 logits_out[b_idx] = b_logits
@@ -145,7 +196,7 @@ class DynamicNet(nn.Module):
                 # compaction: only the samples still running enter stage k+1
                 b_idx, h, b_cx = b_idx.index_select(0, keep_idx), h.index_select(0, keep_idx), b_cx.index_select(0, keep_idx)
                 b_prev = b_prev.index_select(0, keep_idx)
-        return ExitOutput(logits=logits_out, exit_index=exit_out, macs=self._cum_macs[exit_out], stage_batch=tuple(seen))
+        return ExitOutput(logits=logits_out, exit_index=exit_out, macs=self._cum_macs[exit_out] + macs_delta, stage_batch=tuple(seen), rerouted=rerouted)
 
     @torch.no_grad()
     def forward_full(self, x: torch.Tensor) -> torch.Tensor:

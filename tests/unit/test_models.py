@@ -10,6 +10,7 @@ from dynray.errors import ConfigError, InputValidationError, UnknownNameError
 from dynray.evaluation import collect_exit_outputs, simulate
 from dynray.models import DynamicNetConfig, StopAtExit, build, config_from_dict, config_to_dict
 from dynray.models.backbones import BACKBONES, register_backbone
+from dynray.models.moe import MoEConfig
 from dynray.thresholds import ThresholdRule
 
 CONFIGS = {
@@ -17,6 +18,10 @@ CONFIGS = {
     "cnn-strided": DynamicNetConfig(widths=(4, 8, 8), layers=(1, 1, 2), strides=(2, 2, 1)),
     "cnn-cifar": DynamicNetConfig(input_shape=(3, 32, 32), widths=(4, 8, 8, 16), layers=(1, 1, 1, 1), strides=(1, 2, 1, 1), stem_kernel=3),
     "mlp": DynamicNetConfig(backbone="mlp", input_shape=(20,), widths=(16, 16, 8), layers=(1, 2, 1)),
+    # MoE stages through the same interface: a flat top-2 block mid-network, and hierarchical
+    # switch blocks at the first and the last stage
+    "cnn-moe": DynamicNetConfig(widths=(4, 8, 8), layers=(1, 1, 1), exit_hidden=8, moe=MoEConfig(stages=(1,), num_experts=4, top_k=2, expert_ratio=0.5)),
+    "mlp-moe-hier": DynamicNetConfig(backbone="mlp", input_shape=(20,), widths=(16, 16, 8), layers=(1, 1, 1), moe=MoEConfig(stages=(0, 2), num_experts=4, top_k=1, groups=2, gate="switch", capacity_factor_eval=4.0)),
 }
 
 
