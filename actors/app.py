@@ -23,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
 from actors.device import Device
+from actors.expert import ExpertHost
 from dynray import metrics as M
 from dynray.errors import DynrayError, RequestError
 from dynray.failover import DeviceCall, FailoverConfig, Orchestrator
@@ -34,7 +35,7 @@ from dynray.routing.features import CostWeights
 from dynray.routing.policy import find_policy
 from dynray.routing.rules import ROUTERS, RouteContext
 from dynray.scheduling import NoDeviceAvailable, get_policy, request_cost
-from dynray.serving import CLOUD, EDGE, INGRESS, NOOP, AppArgs, IngressUserConfig, TierArgs
+from dynray.serving import CLOUD, EDGE, INGRESS, NOOP, AppArgs, IngressUserConfig, TierArgs, expert_name
 from dynray.traffic import TrafficSplit
 
 __all__ = ["build_app", "Ingress", "Noop", "api"]
@@ -181,9 +182,10 @@ class Ingress:
                 "tier": ans.tier,
                 "model_version": version,
                 "router": router,
-                "degraded": bool(ans.degraded.any()),
+                "degraded": bool(ans.degraded.any() or ans.rerouted.any()),
                 "latency_ms": latency_ms,
                 "degraded_mask": ans.degraded.tolist(),
+                "expert_rerouted": ans.rerouted.tolist(),
                 "macs": total_macs.long().tolist(),
                 "cost": cost,
                 "path": ans.path,
@@ -244,7 +246,25 @@ class Noop:
         return JSONResponse({"predictions": [0]})
 
 
-def _device(tier: str, name: str, t: TierArgs, args: AppArgs, home: str, *, last_stage: int | None, full: bool):
+def _experts(args: AppArgs, home: str) -> list:
+    """One deployment per expert index; each hosts that expert of every served MoE block."""
+    x = args.experts
+    return [
+        serve.deployment(
+            name=expert_name(e),
+            num_replicas=x.replicas,
+            max_ongoing_requests=64,
+            ray_actor_options={"num_cpus": x.num_cpus, "resources": x.resources or {"cloud": 1}},
+            health_check_period_s=args.health_check_period_s,
+            graceful_shutdown_wait_loop_s=0.1,
+            graceful_shutdown_timeout_s=1.0,
+            user_config={"models": list(args.models), "home": home},
+        )(ExpertHost).bind(expert=e, threads=x.threads)
+        for e in range(x.count)
+    ]
+
+
+def _device(tier: str, name: str, t: TierArgs, args: AppArgs, home: str, *, last_stage: int | None, full: bool, experts: list | None = None):
     opts = dict(
         name=name,
         max_ongoing_requests=t.max_ongoing_requests,
@@ -281,6 +301,8 @@ def _device(tier: str, name: str, t: TierArgs, args: AppArgs, home: str, *, last
         max_batch_size=t.max_batch_size,
         batch_wait_ms=t.batch_wait_ms,
         hybrid={"min_confidence": args.hybrid_min_confidence, "rl_weight": args.hybrid_rl_weight},
+        experts=experts or None,
+        expert_timeout_ms=args.experts.timeout_ms,
     )
 
 
@@ -292,13 +314,14 @@ def build_app(args: AppArgs | dict):
     home = _home(args.home)
     args = args.model_copy(update={"home": home})
     edge = cloud = None
+    experts = _experts(args, home)  # shared by both tiers: the gate runs wherever its stage runs
     if args.system == "dynray":
-        edge = _device("edge", EDGE, args.edge, args, home, last_stage=args.edge_stages, full=False)
-        cloud = _device("cloud", CLOUD, args.cloud, args, home, last_stage=None, full=False)
+        edge = _device("edge", EDGE, args.edge, args, home, last_stage=args.edge_stages, full=False, experts=experts)
+        cloud = _device("cloud", CLOUD, args.cloud, args, home, last_stage=None, full=False, experts=experts)
     elif args.system == "all_cloud":
-        cloud = _device("cloud", CLOUD, args.cloud, args, home, last_stage=None, full=True)
+        cloud = _device("cloud", CLOUD, args.cloud, args, home, last_stage=None, full=True, experts=experts)
     else:  # edge_only: the plain full model on edge devices
-        edge = _device("edge", EDGE, args.edge, args, home, last_stage=None, full=True)
+        edge = _device("edge", EDGE, args.edge, args, home, last_stage=None, full=True, experts=experts)
     ingress = serve.deployment(
         name=INGRESS,
         num_replicas=args.ingress_replicas,

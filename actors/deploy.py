@@ -21,7 +21,7 @@ from ray.serve._private import api as _serve_api  # the same entry points `serve
 from ray.serve.schema import ServeDeploySchema
 
 from dynray.errors import ServingError
-from dynray.serving import CLOUD, EDGE, INGRESS, AppArgs
+from dynray.serving import CLOUD, EDGE, INGRESS, AppArgs, expert_name
 
 __all__ = ["load_config", "app_config", "deploy", "wait_running", "roll", "delete_apps", "shutdown", "app_status", "check_resources"]
 
@@ -46,6 +46,7 @@ def app_config(args: AppArgs, *, name: str, route_prefix: str) -> dict:
         deployments.append({"name": EDGE, "user_config": uc})
     if "cloud" in args.tiers():
         deployments.append({"name": CLOUD, "user_config": uc})
+    deployments += [{"name": expert_name(e), "user_config": uc} for e in range(args.experts.count) if args.system != "noop"]
     if args.system == "noop":
         deployments = []
     return {"name": name, "route_prefix": route_prefix, "import_path": "actors.app:build_app", "args": args.model_dump(exclude_none=True), "deployments": deployments}
@@ -60,8 +61,10 @@ def check_resources(apps: list[dict]) -> None:
     have = ray.cluster_resources()
     for app in apps:
         args = AppArgs.model_validate(app.get("args", {}))
-        for tier in args.tiers():
-            need = getattr(args, tier).resources or {tier: 1}
+        needs = {tier: getattr(args, tier).resources or {tier: 1} for tier in args.tiers()}
+        if args.experts.count:
+            needs["experts"] = args.experts.resources or {"cloud": 1}
+        for tier, need in needs.items():
             for res, amount in need.items():
                 if have.get(res, 0) < amount:
                     raise ServingError(

@@ -11,6 +11,10 @@ extra compute time: after a batch really runs, the device stays busy for
 ``compute * (1/speed - 1)`` more, inside the batch slot, so a slow device really has less
 capacity, not just more latency. ``simulate=False`` (real heterogeneous nodes) injects
 nothing.
+
+**MoE experts.** With ``experts`` (one handle per expert index, ``actors/expert.py``) the
+MoE blocks of the hosted stages run their gate here and send each expert's tokens to its
+host; without them the experts run in this process.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 import torch
 from ray import serve
 
+from actors.expert import attach_remote_experts
 from dynray.errors import RegistryError, ServingError
 from dynray.partition import DeviceReply, DeviceRequest, StageRange, StageResult, group_requests, run_stages, split_result
 from dynray.registry import ModelRegistry
@@ -67,6 +72,8 @@ class Device:
         max_batch_size: int = 32,
         batch_wait_ms: float = 2.0,
         hybrid: dict | None = None,
+        experts: list | None = None,
+        expert_timeout_ms: float = 2000.0,
         user_config: dict | None = None,
     ) -> None:
         torch.set_num_threads(threads)
@@ -78,6 +85,8 @@ class Device:
         self.policies: dict[str, PolicyNet | None] = {}  # version -> its exported PPO router, if registered
         self.hybrids: dict[str, HybridRouter] = {}
         self.hybrid_cfg = HybridConfig(**(hybrid or {}))
+        self.expert_hosts = list(experts or [])  # remote MoE experts (Serve handles or actors); [] = local
+        self.expert_timeout_s = expert_timeout_ms / 1000
         self.replica, self._in_serve = _replica_id()
         if self._in_serve:  # @serve.batch needs a replica context; plain actors batch per call
             self._batched.set_max_batch_size(max_batch_size)
@@ -96,6 +105,8 @@ class Device:
             concrete = reg.resolve(ref).ref
             sm = self.models.get(concrete) or load_model(reg, concrete)
             self._range(sm)  # refuse a model the configured stage range does not fit
+            if self.expert_hosts and sm.model.moe_by_stage:
+                attach_remote_experts(sm.model, concrete, self.expert_hosts, timeout_s=self.expert_timeout_s)
             loaded[concrete] = sm
             found = find_policy(reg, sm.info)
             policies[concrete] = load_policy(reg, found.ref, sm.info).policy if found is not None else None
@@ -159,7 +170,12 @@ class Device:
             sm = self.models[merged.version]
             v = merged.version
             rule = make_rule(merged.route, sm.rule, self.policies.get(v), self.hybrids.get(v), num_exits=sm.model.num_exits, on_cloud=self.profile.tier == "cloud")
-            res = run_stages(sm.model, self._range(sm, merged.start), merged.inp, rule)
+            rng = self._range(sm, merged.start)
+            if self.expert_hosts and any(rng.start <= k < rng.stop for k in sm.model.moe_by_stage):
+                # remote experts block on their replies: off the event loop (Serve forbids .result() on it)
+                res = await asyncio.to_thread(run_stages, sm.model, rng, merged.inp, rule)
+            else:
+                res = run_stages(sm.model, rng, merged.inp, rule)
             macs += int(res.macs.sum())
             for i, part in zip(idx, split_result(res, sizes), strict=True):
                 out[i] = (part, 0.0)

@@ -107,6 +107,7 @@ class Answer:
     macs: dict[str, torch.Tensor]  # tier -> [N] int64 MACs spent there
     path: str  # "edge_first" | "cloud_direct"
     escalated: int = 0  # samples the edge handed on (or tried to)
+    rerouted: torch.Tensor | None = None  # [N] bool: a failed MoE expert's tokens were answered by another expert
 
 
 class _Ewma:
@@ -267,8 +268,11 @@ def _assemble(n: int, path: str, replies: list[DeviceReply], escalated: int = 0)
     degraded = torch.zeros(n, dtype=torch.bool)
     macs: dict[str, torch.Tensor] = {}
     pos = torch.arange(n)  # positions (in the request) of the batch the current reply saw
+    rerouted = torch.zeros(n, dtype=torch.bool)
     for rep in replies:
         res = rep.result
+        if res.rerouted is not None:
+            rerouted[pos[res.rerouted]] = True
         where = pos.index_select(0, res.done)
         logits.index_copy_(0, where, res.logits)
         exit_index.index_copy_(0, where, res.exit_index)
@@ -284,4 +288,4 @@ def _assemble(n: int, path: str, replies: list[DeviceReply], escalated: int = 0)
         degraded.index_fill_(0, pos, True)
         for i in pos.tolist():
             tier[i] = last.tier
-    return Answer(logits=logits, exit_index=exit_index, tier=tier, degraded=degraded, macs=macs, path=path, escalated=escalated)
+    return Answer(logits=logits, exit_index=exit_index, tier=tier, degraded=degraded, macs=macs, path=path, escalated=escalated, rerouted=rerouted)

@@ -74,6 +74,7 @@ class StageResult:
     cont_logits: torch.Tensor  # [r, C] deepest evaluated exit's logits: the degraded answer
     cont_exit: int  # global index of that exit (-1 if the range evaluated none)
     stage_batch: tuple[int, ...]  # samples that entered each hosted stage, for the whole (batched) forward this ran in
+    rerouted: torch.Tensor | None = None  # [B] bool: a failed MoE expert's work went to another expert (None: no MoE stage ran)
 
     @property
     def batch_size(self) -> int:
@@ -122,11 +123,15 @@ def run_stages(model: DynamicNet, rng: StageRange, inp: StageInput, stop_rule: S
     prof = model.mac_profile
     macs = torch.zeros(n, dtype=torch.int64)  # [B]
     if rng.full:
-        for stage in model.stages:
+        rerouted_full = torch.zeros(n, dtype=torch.bool) if model.moe_by_stage else None
+        for k, stage in enumerate(model.stages):
             h = stage(h)
+            if (extra := model.moe_extras(k, n)) is not None:
+                macs += extra[0]
+                rerouted_full |= extra[1]  # type: ignore[operator]
         macs += range_macs(model, rng)
         empty = torch.empty(0, dtype=torch.int64)
-        return StageResult(done=torch.arange(n), logits=model.exits[-1](h), exit_index=torch.full((n,), last_global, dtype=torch.int64), macs=macs, cont=empty, cont_input=None, cont_logits=h.new_empty(0, model.cfg.num_classes), cont_exit=-1, stage_batch=(n,) * model.num_exits)
+        return StageResult(done=torch.arange(n), logits=model.exits[-1](h), exit_index=torch.full((n,), last_global, dtype=torch.int64), macs=macs, cont=empty, cont_input=None, cont_logits=h.new_empty(0, model.cfg.num_classes), cont_exit=-1, stage_batch=(n,) * model.num_exits, rerouted=rerouted_full)
 
     uses_cx = getattr(stop_rule, "uses_complexity", True)
     if inp.complexity is not None:
@@ -141,11 +146,15 @@ def run_stages(model: DynamicNet, rng: StageRange, inp: StageInput, stop_rule: S
     done_idx, done_logits, done_exit = [], [], []
     seen: list[int] = []
     b_logits = h.new_empty(0, model.cfg.num_classes)
+    rerouted = torch.zeros(n, dtype=torch.bool) if any(rng.start <= k < rng.stop for k in model.moe_by_stage) else None
     for k in range(rng.start, rng.stop):
         seen.append(h.shape[0])
         h = model.stages[k](h)
         b_logits = model.exits[k](h)  # [b, C]
         macs.index_add_(0, b_idx, torch.full_like(b_idx, prof.stage[k] + prof.exit[k]))
+        if (extra := model.moe_extras(k, h.shape[0])) is not None:  # MoE: only the experts that ran
+            macs.index_add_(0, b_idx, extra[0])
+            rerouted[b_idx] |= extra[1]  # type: ignore[index]
         stop = torch.ones(h.shape[0], dtype=torch.bool) if k == last_global else stop_rule.stop(k, b_logits, b_cx, b_prev)
         b_prev = b_logits.argmax(dim=1)
         stop_at = stop.nonzero().squeeze(1)
@@ -169,6 +178,7 @@ def run_stages(model: DynamicNet, rng: StageRange, inp: StageInput, stop_rule: S
         cont_logits=b_logits,
         cont_exit=rng.stop - 1 if b_idx.numel() else -1,
         stage_batch=tuple(seen),
+        rerouted=rerouted,
     )
 
 
@@ -209,6 +219,7 @@ def split_result(res: StageResult, sizes: list[int]) -> list[StageResult]:
                 cont_logits=res.cont_logits.index_select(0, c),
                 cont_exit=res.cont_exit if c.numel() else -1,
                 stage_batch=res.stage_batch,
+                rerouted=None if res.rerouted is None else res.rerouted[lo:hi],
             )
         )
         lo = hi

@@ -320,8 +320,9 @@ class PredictResponse(BaseModel):
     exit: list[int] = Field(description="Exit index each image left the network at.")
     tier: list[Literal["edge", "cloud"]] = Field(description="Where each image was finished.")
     model_version: str = Field(description="Model version that answered.")
-    degraded: bool = Field(description="True when the answer came from a fallback (e.g. cloud unreachable).")
+    degraded: bool = Field(description="True when the answer came from a fallback (e.g. cloud unreachable, or a failed MoE expert's work rerouted).")
     latency_ms: float = Field(description="Server-side time to answer, in milliseconds.")
+    expert_rerouted: list[bool] | None = Field(None, description="Per image: an MoE expert failed and the next-best expert by gate score answered instead.")
 
 
 class ErrorResponse(BaseModel):

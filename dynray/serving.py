@@ -25,7 +25,9 @@ __all__ = [
     "EDGE",
     "CLOUD",
     "NOOP",
+    "expert_name",
     "TierArgs",
+    "ExpertArgs",
     "AppArgs",
     "DeviceUserConfig",
     "IngressUserConfig",
@@ -33,6 +35,11 @@ __all__ = [
 
 SYSTEMS = ("dynray", "all_cloud", "edge_only", "noop")
 INGRESS, EDGE, CLOUD, NOOP = "Ingress", "Edge", "Cloud", "Noop"  # deployment names
+
+
+def expert_name(e: int) -> str:
+    """Deployment name of remote expert ``e``."""
+    return f"Expert{e}"
 
 
 class _Strict(BaseModel):
@@ -67,6 +74,17 @@ class TierArgs(_Strict):
         return DeviceProfile.from_dict({**base, **self.profile, "tier": tier})
 
 
+class ExpertArgs(_Strict):
+    """Remote MoE experts: one Serve deployment per expert index (``Expert0``, ``Expert1``, ...)."""
+
+    count: int = Field(0, ge=0, description="expert deployments; 0 = MoE experts run inside the device that runs their stage")
+    replicas: int = Field(1, ge=1, description="replicas per expert deployment")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom resources per expert replica; default {'cloud': 1}")
+    num_cpus: float = Field(0.0, ge=0, description="logical CPUs per expert replica")
+    threads: int = Field(1, ge=1, description="torch intra-op threads per expert replica")
+    timeout_ms: float = Field(2000.0, gt=0, description="one dispatch's deadline; an expert that misses it is failed over to the next-best expert")
+
+
 class AppArgs(_Strict):
     """Arguments of ``actors.app:build_app``: which system to serve and how."""
 
@@ -95,6 +113,7 @@ class AppArgs(_Strict):
     lambda_lat: float = Field(0.0005, ge=0, description="PPO/hybrid latency weight per ms")
     hybrid_min_confidence: float = Field(0.9, gt=0, le=1, description="least policy action probability at which the hybrid lets the policy decide")
     hybrid_rl_weight: float = Field(0.8, ge=0, le=1, description="hybrid's trust in the policy")
+    experts: ExpertArgs = Field(default_factory=ExpertArgs, description="remote MoE experts (count 0: local)")
 
     @field_validator("policy")
     @classmethod

@@ -114,7 +114,7 @@ class DynamicNet(nn.Module):
         """Balance + z losses (with their coefficients) of the latest forward; 0 without MoE."""
         return sum((o.aux_loss for o in self.moe_outputs()), torch.zeros(()))
 
-    def _moe_extras(self, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def moe_extras(self, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """After stage k ran on n samples: (MAC correction [n], rerouted [n]) from its MoE blocks.
 
         The static profile counts A experts per token; a token whose assignment was dropped
@@ -176,7 +176,7 @@ class DynamicNet(nn.Module):
         for k, (stage, head) in enumerate(zip(self.stages, self.exits, strict=True)):
             seen.append(h.shape[0])
             h = stage(h)
-            if (extra := self._moe_extras(k, h.shape[0])) is not None:
+            if (extra := self.moe_extras(k, h.shape[0])) is not None:
                 macs_delta.index_add_(0, b_idx, extra[0])
                 rerouted[b_idx] |= extra[1]  # type: ignore[index]
             b_logits = head(h)  # [b, C]
