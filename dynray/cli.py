@@ -108,12 +108,25 @@ def _print_router(s: dict) -> None:
     print(f"  plot: {s['plot']}")
 
 
+def _print_moe(s: dict) -> None:
+    mc = s["moe_config"]
+    print(f"  MoE {s['model']} ({mc['num_experts']} experts, top-{mc['top_k']} {mc['gate']}, stages {mc['stages']}) vs dense twin {s['dense_model']}, {s['n_test']} test samples")
+    print(f"  accuracy (last exit) MoE {s['accuracy_moe']:.4f} vs dense {s['accuracy_dense']:.4f} ({100 * (s['accuracy_moe'] - s['accuracy_dense']):+.2f} pt) "
+          f"at {s['active_macs_moe']:,.0f} vs {s['macs_dense']:,.0f} active MACs/sample")
+    ad = s["adaptive"]
+    print(f"  with early exits at {ad['moe']['threshold']}: MoE {ad['moe']['accuracy']:.4f} at {ad['moe']['active_macs']:,.0f} MACs, dense {ad['dense']['accuracy']:.4f} at {ad['dense']['active_macs']:,.0f}")
+    print(f"  expert shares {s['expert_share']} (least {s['expert_share_min_vs_uniform']:.2f}x uniform), dropped {100 * s['dropped_frac']:.2f}% (batches of {s['usage_batch_size']})")
+    lat = s["remote_latency_ms"]
+    print(f"  expert actors vs local: max |logit diff| {s['actor_max_abs_diff']:.2e}; p50 overhead "
+          + ", ".join(f"{b} {v['overhead_p50_ms']:+.2f} ms ({v['local']['p50']:.2f} -> {v['remote']['p50']:.2f})" for b, v in lat.items()))
+
+
 def _cmd_bench(a: argparse.Namespace) -> int:
     from jobs import bench
 
     s = bench.run(a)
     print(f"wrote section '{a.section}' to {a.json}")
-    {"serve": _print_serve, "router": _print_router}.get(a.section, _print_core)(s)
+    {"serve": _print_serve, "router": _print_router, "moe": _print_moe}.get(a.section, _print_core)(s)
     return 0
 
 

@@ -14,7 +14,7 @@ from dynray.errors import ConfigError
 from dynray.pipeline import bench_and_write
 from dynray.registry import ModelRegistry
 
-IMPLEMENTED = ("core", "serve", "router")
+IMPLEMENTED = ("core", "serve", "router", "moe")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     from jobs.bench_router import add_bench_router_args
 
     add_bench_router_args(p.add_argument_group("router section"))
+    from jobs.bench_moe import add_bench_moe_args
+
+    add_bench_moe_args(p.add_argument_group("moe section"))
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -42,6 +45,10 @@ def run(a: argparse.Namespace) -> dict:
         from jobs import bench_router
 
         return bench_router.run(a)
+    if a.section == "moe":
+        from jobs import bench_moe
+
+        return bench_moe.run(a)
     return bench_and_write(ModelRegistry(), a.model, dataset=a.dataset, json_path=a.json, plot_path=a.plot)
 
 

@@ -34,13 +34,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill", type=float, default=d.distill_alpha, help="self-distillation share (default: %(default)s)")
     p.add_argument("--schedule", default=d.schedule, choices=["linear", "cosine", "exponential"], help="annealing schedule")
     p.add_argument("--no-augment", action="store_true", help="disable random affine augmentation")
-    p.add_argument("--name", default=None, help="registry name (default: dynnet-DATASET, moe-DATASET or moe-dense-DATASET)")
+    p.add_argument("--name", default=None, help="registry name (default: dynnet-DATASET, moe-DATASET or moe-DATASET-dense)")
     m = MoEConfig()
     g = p.add_argument_group("mixture of experts (--arch moe)")
     g.add_argument("--experts", type=int, default=m.num_experts, help="experts per MoE block (default: %(default)s)")
     g.add_argument("--top-k", type=int, default=m.top_k, help="experts per sample (default: %(default)s)")
     g.add_argument("--gate", default=m.gate, choices=["noisy_topk", "switch", "gshard"], help="gating (default: %(default)s)")
     g.add_argument("--groups", type=int, default=m.groups, help="expert groups; > 1 = hierarchical MoE (default: %(default)s)")
+    g.add_argument("--capacity-factor", type=float, default=m.capacity_factor_train, help="expert capacity in training, x a uniform share (default: %(default)s)")
+    g.add_argument("--eval-capacity-factor", type=float, default=m.capacity_factor_eval, help="expert capacity at evaluation and serving (default: %(default)s)")
     g.add_argument("--moe-stages", type=int, nargs="+", default=None, help="0-based stages that get an MoE block (default: the last)")
 
 
@@ -50,7 +52,10 @@ def _model_config(a: argparse.Namespace) -> DynamicNetConfig:
         return model_config_for(a.dataset, "dense")
     cfg = model_config_for(a.dataset, "moe")
     assert cfg.moe is not None
-    moe = replace(cfg.moe, num_experts=a.experts, top_k=a.top_k, gate=a.gate, groups=a.groups)
+    moe = replace(
+        cfg.moe, num_experts=a.experts, top_k=a.top_k, gate=a.gate, groups=a.groups,
+        capacity_factor_train=a.capacity_factor, capacity_factor_eval=a.eval_capacity_factor,
+    )
     if a.moe_stages:  # explicit stages keep the dense layer counts
         cfg = replace(cfg, layers=model_config_for(a.dataset, "dense").layers)
         moe = replace(moe, stages=tuple(a.moe_stages))
@@ -58,7 +63,7 @@ def _model_config(a: argparse.Namespace) -> DynamicNetConfig:
 
 
 def default_name(dataset: str, arch: str) -> str:
-    return {"dense": "dynnet", "moe": "moe", "moe-dense": "moe-dense"}[arch] + f"-{dataset}"
+    return {"dense": f"dynnet-{dataset}", "moe": f"moe-{dataset}", "moe-dense": f"moe-{dataset}-dense"}[arch]
 
 
 def config_from_args(a: argparse.Namespace, finetune: FinetuneConfig | None = None) -> TrainConfig:

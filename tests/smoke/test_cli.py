@@ -57,9 +57,10 @@ def test_models_list_show_promote(demo, env):
 
 
 def test_job_entrypoints(demo, env, tmp_path):
-    p = run([sys.executable, "-m", "jobs.train", "--epochs", "1", "--workers", "1", "--name", "jobs-smoke"], env)
+    """train (an MoE model) -> calibrate -> bench core -> bench moe, each by its job entrypoint."""
+    p = run([sys.executable, "-m", "jobs.train", "--arch", "moe", "--epochs", "1", "--workers", "1", "--name", "jobs-smoke"], env)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "registered jobs-smoke:v1" in p.stdout
+    assert "registered jobs-smoke:v1" in p.stdout and "experts: least share" in p.stdout + p.stderr
     p = run([sys.executable, "-m", "jobs.calibrate", "--model", "jobs-smoke", "--macs-budget", "1000000"], env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "registered jobs-smoke:v2" in p.stdout
@@ -67,6 +68,16 @@ def test_job_entrypoints(demo, env, tmp_path):
     p = run([sys.executable, "-m", "jobs.bench", "core", "--model", "jobs-smoke:v2", "--json", str(out)], env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(out.read_text())["core"]["macs_adaptive"] <= 1_000_000 * 1.5
+    # the MoE bench trains the missing dense twin, starts one actor per expert and compares
+    p = run([DYNRAY, "bench", "moe", "--model", "jobs-smoke:v2", "--moe-epochs", "1", "--moe-workers", "1", "--moe-latency-calls", "3", "--json", str(out)], env, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    m = json.loads(out.read_text())["moe"]
+    assert m["model"] == "jobs-smoke:v2" and m["dense_model"] == "moe-mnist-5k-dense:v1"
+    assert m["actor_max_abs_diff"] <= 1e-5 and m["actor_rerouted"] == 0
+    assert abs(m["active_macs_moe"] - m["macs_dense"]) <= 0.01 * m["macs_dense"]  # equal active MACs, by construction
+    assert 0 <= m["dropped_frac"] < 0.2 and 0 < m["expert_share_min"] <= 1 / 4 + 1e-9
+    assert 0 < m["accuracy_moe"] <= 1 and 0 < m["accuracy_dense"] <= 1 and isinstance(m["remote_overhead_ms"], float)
+    assert "core" in json.loads(out.read_text())  # merged, not overwritten
 
 
 def test_finetune_registers_a_child(demo, env):
@@ -92,6 +103,10 @@ def _models(env: dict) -> list[str]:
         (["bench", "security", "--json", "x.json"], "not built yet"),
         (["router", "train", "--model", "nosuch"], "unknown model"),
         (["bench", "router", "--model", "dynnet-mnist-5k:v7", "--json", "x.json"], "unknown version"),
+        (["train", "--arch", "moe", "--top-k", "5", "--epochs", "1"], "top_k is larger than the experts"),
+        (["train", "--arch", "moe", "--experts", "6", "--groups", "4", "--epochs", "1"], "groups must divide num_experts"),
+        (["train", "--arch", "moe", "--capacity-factor", "0", "--epochs", "1"], "capacity factors must be > 0"),
+        (["bench", "moe", "--model", "dynnet-mnist-5k:v2", "--json", "x.json"], "needs a model with MoE stages"),
     ],
 )
 def test_bad_input_gets_one_line_and_exit_2(demo, env, args, message):
