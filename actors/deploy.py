@@ -74,8 +74,24 @@ def check_resources(apps: list[dict]) -> None:
                     )
 
 
+def _with_expert_entries(config: dict) -> dict:
+    """Give every remote expert deployment the devices' ``user_config`` (the served models),
+    so a config file need not list ``Expert0..N-1`` and a roll reconfigures them too."""
+    config = copy.deepcopy(config)
+    for app in config.get("applications", []):
+        args = AppArgs.model_validate(app.get("args", {}))
+        deps = app.setdefault("deployments", [])
+        device_uc = next((d.get("user_config") for d in deps if d["name"] in (EDGE, CLOUD)), None)
+        names = {d["name"] for d in deps}
+        for e in range(args.experts.count if args.system != "noop" else 0):
+            if expert_name(e) not in names and device_uc is not None:
+                deps.append({"name": expert_name(e), "user_config": copy.deepcopy(device_uc)})
+    return config
+
+
 def deploy(config: dict, *, timeout_s: float = 120.0, check: bool = True) -> None:
     """Apply a full Serve config (every declarative app) and wait until all are RUNNING."""
+    config = _with_expert_entries(config)
     if check:
         check_resources(config.get("applications", []))
     schema = ServeDeploySchema.model_validate(config)

@@ -110,11 +110,15 @@ def _print_router(s: dict) -> None:
 
 def _print_moe(s: dict) -> None:
     mc = s["moe_config"]
-    print(f"  MoE {s['model']} ({mc['num_experts']} experts, top-{mc['top_k']} {mc['gate']}, stages {mc['stages']}) vs dense twin {s['dense_model']}, {s['n_test']} test samples")
+    print(f"  MoE {s['model'].split(':')[0]} ({mc['num_experts']} experts, top-{mc['top_k']} {mc['gate']}, stages {mc['stages']}) vs its dense twin, {s['n_test']} test samples")
     print(f"  accuracy (last exit) MoE {s['accuracy_moe']:.4f} vs dense {s['accuracy_dense']:.4f} ({100 * (s['accuracy_moe'] - s['accuracy_dense']):+.2f} pt) "
           f"at {s['active_macs_moe']:,.0f} vs {s['macs_dense']:,.0f} active MACs/sample")
-    ad = s["adaptive"]
-    print(f"  with early exits at {ad['moe']['threshold']}: MoE {ad['moe']['accuracy']:.4f} at {ad['moe']['active_macs']:,.0f} MACs, dense {ad['dense']['accuracy']:.4f} at {ad['dense']['active_macs']:,.0f}")
+    if s["seeds"] > 1:
+        print(f"  (mean of {s['seeds']} seed pairs)")
+    for p in s["per_seed"]:
+        m, d = p["moe"], p["dense"]
+        print(f"    seed {p['seed']}: {p['model']} {m['accuracy']:.4f} vs {p['dense_model']} {d['accuracy']:.4f} ({p['gap_pt']:+.2f} pt); "
+              f"early exits at {m['adaptive']['threshold']}: {m['adaptive']['accuracy']:.4f} at {m['adaptive']['active_macs']:,.0f} MACs vs {d['adaptive']['accuracy']:.4f} at {d['adaptive']['active_macs']:,.0f}")
     print(f"  expert shares {s['expert_share']} (least {s['expert_share_min_vs_uniform']:.2f}x uniform), dropped {100 * s['dropped_frac']:.2f}% (batches of {s['usage_batch_size']})")
     lat = s["remote_latency_ms"]
     print(f"  expert actors vs local: max |logit diff| {s['actor_max_abs_diff']:.2e}; p50 overhead "

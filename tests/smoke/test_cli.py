@@ -72,7 +72,7 @@ def test_job_entrypoints(demo, env, tmp_path):
     p = run([DYNRAY, "bench", "moe", "--model", "jobs-smoke:v2", "--moe-epochs", "1", "--moe-workers", "1", "--moe-latency-calls", "3", "--json", str(out)], env, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     m = json.loads(out.read_text())["moe"]
-    assert m["model"] == "jobs-smoke:v2" and m["dense_model"] == "moe-mnist-5k-dense:v1"
+    assert m["model"] == "jobs-smoke:v2" and m["dense_model"] == "jobs-smoke-dense:v1" and m["seeds"] == 1
     assert m["actor_max_abs_diff"] <= 1e-5 and m["actor_rerouted"] == 0
     assert abs(m["active_macs_moe"] - m["macs_dense"]) <= 0.01 * m["macs_dense"]  # equal active MACs, by construction
     assert 0 <= m["dropped_frac"] < 0.2 and 0 < m["expert_share_min"] <= 1 / 4 + 1e-9
