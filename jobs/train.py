@@ -35,11 +35,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=d.schedule, choices=["linear", "cosine", "exponential"], help="annealing schedule")
     p.add_argument("--no-augment", action="store_true", help="disable random affine augmentation")
     p.add_argument("--name", default=None, help="registry name (default: dynnet-DATASET, moe-DATASET or moe-DATASET-dense)")
-    m = MoEConfig()
+    m = model_config_for("mnist-5k", "moe").moe
+    assert m is not None
     g = p.add_argument_group("mixture of experts (--arch moe)")
-    g.add_argument("--experts", type=int, default=m.num_experts, help="experts per MoE block (default: %(default)s)")
-    g.add_argument("--top-k", type=int, default=m.top_k, help="experts per sample (default: %(default)s)")
+    g.add_argument("--experts", type=int, default=m.num_experts, help="routed experts per MoE block (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=m.top_k, help="routed experts per sample (default: %(default)s)")
     g.add_argument("--gate", default=m.gate, choices=["noisy_topk", "switch", "gshard"], help="gating (default: %(default)s)")
+    g.add_argument("--shared-experts", type=int, default=m.shared_experts, help="always-on experts beside the routed ones (default: %(default)s)")
     g.add_argument("--groups", type=int, default=m.groups, help="expert groups; > 1 = hierarchical MoE (default: %(default)s)")
     g.add_argument("--capacity-factor", type=float, default=m.capacity_factor_train, help="expert capacity in training, x a uniform share (default: %(default)s)")
     g.add_argument("--eval-capacity-factor", type=float, default=m.capacity_factor_eval, help="expert capacity at evaluation and serving (default: %(default)s)")
@@ -53,7 +55,7 @@ def _model_config(a: argparse.Namespace) -> DynamicNetConfig:
     cfg = model_config_for(a.dataset, "moe")
     assert cfg.moe is not None
     moe = replace(
-        cfg.moe, num_experts=a.experts, top_k=a.top_k, gate=a.gate, groups=a.groups,
+        cfg.moe, num_experts=a.experts, top_k=a.top_k, gate=a.gate, groups=a.groups, shared_experts=a.shared_experts,
         capacity_factor_train=a.capacity_factor, capacity_factor_eval=a.eval_capacity_factor,
     )
     if a.moe_stages:  # explicit stages keep the dense layer counts

@@ -45,6 +45,9 @@ class MoEConfig:
     """Expert groups; > 1 makes the gate hierarchical (group gate, then expert gate in the group)."""
     group_top_k: int = 1
     """Groups each token uses (hierarchical mode only)."""
+    shared_experts: int = 0
+    """Always-on experts every token goes through with weight 1, beside the routed ones
+    (DeepSeekMoE's shared experts, Dai et al. 2024); they run where the stage runs."""
     expert_ratio: float = 0.25
     """Hidden channels (cnn) or units (mlp) of each expert's two-layer branch, as a fraction of
     the stage width (an expert's MACs are linear in it)."""
@@ -81,6 +84,8 @@ class MoEConfig:
             raise ConfigError("the gshard gate is top-2", got=self.top_k, fix="set top_k=2, or use gate='noisy_topk'")
         if self.capacity_factor_train <= 0 or self.capacity_factor_eval <= 0:
             raise ConfigError("capacity factors must be > 0", got=(self.capacity_factor_train, self.capacity_factor_eval), fix="use e.g. 1.25 for training and 2.0 for evaluation")
+        if self.shared_experts < 0:
+            raise ConfigError("shared_experts must be >= 0", got=self.shared_experts, fix="use 0 or 1")
         if self.min_capacity < 1:
             raise ConfigError("min_capacity must be >= 1", got=self.min_capacity, fix="use e.g. 4")
         if self.expert_ratio <= 0 or self.balance_coef < 0 or self.z_coef < 0:
@@ -98,9 +103,12 @@ class MoEConfig:
         return max(1, round(self.expert_ratio * width))
 
     def dense_equivalent(self) -> MoEConfig:
-        """One always-on expert with A times the hidden size: the same active MACs per token
-        (without the gate's few), all dense. The baseline MoE is measured against."""
-        return replace(self, num_experts=1, top_k=1, gate="noisy_topk", groups=1, group_top_k=1, expert_ratio=self.expert_ratio * self.active_experts)
+        """One always-on expert with (A + shared) times the hidden size: the same active MACs
+        per token (without the gate's few), all dense. The baseline MoE is measured against."""
+        return replace(
+            self, num_experts=1, top_k=1, gate="noisy_topk", groups=1, group_top_k=1, shared_experts=0,
+            expert_ratio=self.expert_ratio * (self.active_experts + self.shared_experts),
+        )
 
 
 @dataclass(frozen=True)

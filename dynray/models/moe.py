@@ -185,6 +185,7 @@ class MoEBlock(nn.Module):
         self.gate = make_gate(cfg, width)
         hidden = cfg.hidden(width)
         self.experts = nn.ModuleList(make_expert(kind, width, hidden, kernel_size) for _ in range(cfg.num_experts))
+        self.shared = nn.ModuleList(make_expert(kind, width, hidden, kernel_size) for _ in range(cfg.shared_experts))
         self.token_shape = (width, *spatial) if spatial else (width,)
         probe = self.experts[0]
         was = probe.training
@@ -208,6 +209,8 @@ class MoEBlock(nn.Module):
         bal = balance_loss(g.probs, g.expert_idx, cfg.num_experts) if cfg.num_experts > 1 else h.new_zeros(())
         zl = z_loss(g.logits) if g.logits else h.new_zeros(())
         y, active, rerouted = self._dispatch(h, g, keep)
+        for expert in self.shared:  # always on, weight 1
+            y = y + expert(h)
         return MoEOutput(
             y=torch.relu(y),
             aux_loss=cfg.balance_coef * bal + cfg.z_coef * zl,

@@ -261,3 +261,15 @@ def test_hierarchical_moe_runs_and_learns():
     s = usage.summary()
     assert len(s["expert_share"]) == 2 and all(sum(x > 0 for x in block) >= 6 for block in s["expert_share"])
     assert net.moe_blocks()[0].gate.w_group.weight.grad is not None
+
+
+def test_shared_experts_see_every_token_and_count_in_the_dense_twin():
+    net = _moe_net(gate="switch", top_k=1, shared_experts=1).eval()
+    twin = build(DynamicNetConfig(widths=(4, 8, 8), layers=(1, 1, 1), exit_hidden=8, moe=net.cfg.moe.dense_equivalent()))
+    assert net.cfg.moe.dense_equivalent().expert_ratio == pytest.approx(2 * net.cfg.moe.expert_ratio)
+    assert net.mac_profile.full == twin.mac_profile.full + sum(8 * 4 for _ in net.moe_blocks())
+    seen = []
+    for b in net.moe_blocks():
+        b.shared[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    net(torch.rand(24, 1, 28, 28))
+    assert seen == [24, 24]
