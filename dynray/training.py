@@ -35,7 +35,7 @@ from dynray.registry import default_home
 from dynray.schedules import anneal, anneal_vector
 from dynray.thresholds import ThresholdRule
 
-__all__ = ["TrainConfig", "TrainOutcome", "default_model_config", "default_moe_config", "model_config_for", "ARCHS", "train_epoch", "evaluate", "train_loop_per_worker", "fit"]
+__all__ = ["TrainConfig", "TrainOutcome", "default_model_config", "default_moe_config", "model_config_for", "ARCHS", "make_optimizer", "train_epoch", "evaluate", "train_loop_per_worker", "fit"]
 log = logging.getLogger(__name__)
 
 
@@ -166,6 +166,16 @@ def _lr_factor(step: int, steps_per_epoch: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
+def make_optimizer(model: DynamicNet, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with one group per stage plus one for the exit heads (what :func:`train_epoch`
+    schedules and fine-tuning freezes); each group remembers its peak ``initial_lr``."""
+    ft = cfg.finetune
+    groups = param_groups(model.stages, model.exits, head_lr=ft.head_lr if ft else cfg.lr, backbone_lr=ft.backbone_lr if ft else cfg.lr)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
 def train_epoch(
     net: nn.Module,
     model: DynamicNet,
@@ -272,11 +282,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model.complexity.fit(train.images)  # deterministic: identical on every rank
     if init_state is not None:
         model.load_state_dict(init_state)
-    ft = cfg.finetune
-    groups = param_groups(model.stages, model.exits, head_lr=ft.head_lr if ft else cfg.lr, backbone_lr=ft.backbone_lr if ft else cfg.lr)
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, cfg)
     start, history = 0, []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # resume after a worker failure

@@ -100,7 +100,7 @@ def cnn_backbone(cfg: DynamicNetConfig) -> tuple[nn.ModuleList, nn.ModuleList]:
         final = k == cfg.num_exits - 1
         body: list[nn.Module] = []
         for i in range(n_layers):
-            ks = cfg.stem_kernel if k == 0 and i == 0 else cfg.kernel_size
+            ks = cfg.stem_kernel if k == 0 and i == 0 else cfg.stage_kernel(k)
             stride = cfg.strides[k] if i == 0 else 1
             body += [
                 nn.Conv2d(c_in, width, ks, stride=stride, padding=ks // 2, bias=False),
@@ -111,7 +111,7 @@ def cnn_backbone(cfg: DynamicNetConfig) -> tuple[nn.ModuleList, nn.ModuleList]:
             if stride > 1:
                 h, w = (h + 1) // 2, (w + 1) // 2
         if cfg.moe is not None and k in cfg.moe.stages:
-            body.append(MoEBlock(cfg.moe, kind="cnn", width=width, block=k, spatial=(h, w), kernel_size=cfg.kernel_size))
+            body.append(MoEBlock(cfg.moe, kind="cnn", width=width, block=k, spatial=(h, w), kernel_size=cfg.stage_kernel(k)))
         if not final and cfg.strides[k] == 1:
             body.append(nn.MaxPool2d(2))
             h, w = h // 2, w // 2

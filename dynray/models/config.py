@@ -28,6 +28,9 @@ class DynamicNetConfig:
     """Per stage: number of conv (or linear) layers."""
     kernel_size: int = 3
     """Convolution kernel size (cnn only); padding keeps the spatial size."""
+    kernel_sizes: tuple[int, ...] | None = None
+    """Per stage (cnn only): kernel size of the stage's convolutions (and its MoE experts);
+    None = ``kernel_size`` everywhere. Architecture search picks these per stage."""
     stem_kernel: int = 5
     """Kernel size of the first convolution (cnn only)."""
     strides: tuple[int, ...] = (2, 2, 1)
@@ -65,6 +68,8 @@ class DynamicNetConfig:
             raise ConfigError("stem_kernel must be odd and positive", got=self.stem_kernel, fix="use 3 or 5")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ConfigError("kernel_size must be odd and positive", got=self.kernel_size, fix="use 3 or 5")
+        if self.kernel_sizes is not None and (len(self.kernel_sizes) != len(self.widths) or any(k < 1 or k % 2 == 0 for k in self.kernel_sizes)):
+            raise ConfigError("kernel_sizes need one odd, positive value per stage", got=self.kernel_sizes, fix=f"give {len(self.widths)} values, e.g. (3, 5, 3), or None")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout must be in [0, 1)", got=self.dropout, fix="use e.g. 0.1")
         if self.moe is not None and max(self.moe.stages) >= len(self.widths):
@@ -73,6 +78,10 @@ class DynamicNetConfig:
     @property
     def num_exits(self) -> int:
         return len(self.widths)
+
+    def stage_kernel(self, k: int) -> int:
+        """Kernel size of stage ``k``'s convolutions (the stem excepted)."""
+        return self.kernel_sizes[k] if self.kernel_sizes is not None else self.kernel_size
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
