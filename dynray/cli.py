@@ -125,12 +125,30 @@ def _print_moe(s: dict) -> None:
           + ", ".join(f"{b} {v['overhead_p50_ms']:+.2f} ms ({v['local']['p50']:.2f} -> {v['remote']['p50']:.2f})" for b, v in lat.items()))
 
 
+def _print_nas(s: dict) -> None:
+    print(f"  {s['trials']} trials in {s['minutes']:.1f} min ({s['searcher']}); ASHA stopped {100 * s['asha_stopped_frac']:.0f}% early")
+    rho = s["predictor_spearman"]
+    print(f"  predictor Spearman (held-out trials, accuracy at the first rung): {'n/a (too few trials)' if rho is None else f'{rho:.2f}'}")
+    print(f"  a found architecture dominates the default on test: {s['dominates_default']}")
+    for f in s["front"]:
+        print(f"    front: val {f['accuracy']:.4f} at {f['macs']:,.0f} MACs, test {f['test_accuracy']:.4f} at {f['test_macs']:,.0f}  {f['describe']}")
+    print(f"  files: {', '.join(s['files'].values())}")
+
+
+def _cmd_nas(a: argparse.Namespace) -> int:
+    from jobs import nas
+
+    nas.run(a)
+    return 0
+
+
 def _cmd_bench(a: argparse.Namespace) -> int:
     from jobs import bench
 
     s = bench.run(a)
     print(f"wrote section '{a.section}' to {a.json}")
-    {"serve": _print_serve, "router": _print_router, "moe": _print_moe}.get(a.section, _print_core)(s)
+    printers = {"serve": _print_serve, "router": _print_router, "moe": _print_moe, "nas": _print_nas}
+    printers.get(a.section, _print_core)(s)
     return 0
 
 
@@ -214,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jobs.bench import add_bench_args
     from jobs.calibrate import add_calibrate_args
     from jobs.demo import add_demo_args
+    from jobs.nas import add_nas_args
     from jobs.deploy import add_deploy_args
     from jobs.train import add_train_args
     from jobs.train_router import add_train_router_args
@@ -255,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="train+val+test", help="cache: splits to cache, joined by + (default: %(default)s)")
     s.set_defaults(fn=_cmd_router)
 
+    s = sub.add_parser("nas", help="neural architecture search with Ray Tune (run)")
+    s.add_argument("action", choices=["run"])
+    add_nas_args(s)
+    s.set_defaults(fn=_cmd_nas)
+
     s = sub.add_parser("models", help="list, show or promote registered models")
     s.add_argument("action", choices=["list", "show", "promote"])
     s.add_argument("ref", nargs="?", default=None, help="model ref (show/promote)")
@@ -265,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_deploy_args(s)
     s.set_defaults(fn=_cmd_serve)
 
-    s = sub.add_parser("submit", help="submit a job step (train, calibrate, bench) to a Ray cluster")
-    s.add_argument("step", choices=["train", "calibrate", "bench", "deploy", "train_router"])
+    s = sub.add_parser("submit", help="submit a job step (train, calibrate, bench, deploy, train_router, nas) to a Ray cluster")
+    s.add_argument("step", choices=["train", "calibrate", "bench", "deploy", "train_router", "nas"])
     s.add_argument("args", nargs=argparse.REMAINDER, help="arguments for python -m jobs.STEP")
     s.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS)")
     s.add_argument("--local-python", action="store_true", help="use this interpreter's path in the entrypoint")

@@ -14,7 +14,7 @@ from dynray.errors import ConfigError
 from dynray.pipeline import bench_and_write
 from dynray.registry import ModelRegistry
 
-IMPLEMENTED = ("core", "serve", "router", "moe")
+IMPLEMENTED = ("core", "serve", "router", "moe", "nas")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -32,6 +32,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     from jobs.bench_moe import add_bench_moe_args
 
     add_bench_moe_args(p.add_argument_group("moe section"))
+    from jobs.bench_nas import add_bench_nas_args
+
+    add_bench_nas_args(p.add_argument_group("nas section"))
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -49,6 +52,10 @@ def run(a: argparse.Namespace) -> dict:
         from jobs import bench_moe
 
         return bench_moe.run(a)
+    if a.section == "nas":
+        from jobs import bench_nas
+
+        return bench_nas.run(a)
     return bench_and_write(ModelRegistry(), a.model, dataset=a.dataset, json_path=a.json, plot_path=a.plot)
 
 

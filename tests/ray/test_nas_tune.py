@@ -1,0 +1,70 @@
+"""Architecture search through Ray Tune on the session's Ray: a tiny run end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from dynray.nas import NASConfig, SearchSpace, default_candidate, run_search
+from dynray.nas.evolution_searcher import EvolutionSearcher
+from dynray.nas.searchers import SEARCHERS, SearchPlan, register_searcher
+from dynray.nas.trainable import REFERENCE_KEY, nas_trainable
+from dynray.registry import ModelRegistry
+from dynray.store import load_model
+
+pytestmark = pytest.mark.ray
+TINY = dict(epochs=1, grace=1, train_limit=256, time_budget_min=5.0, concurrency=2, register_top=1)
+
+
+@pytest.fixture
+def crash_searcher():
+    """Evolution seeded with the reference and a candidate outside the space (its trial crashes)."""
+    space = SearchSpace()
+    bad = {**replace(default_candidate(space.max_stages), widths=(16, 32, 64, 7)).to_dict(), REFERENCE_KEY: False}
+
+    @register_searcher("test-crash")
+    def _plan(cfg, settings):
+        ref = {**default_candidate(space.max_stages).to_dict(), REFERENCE_KEY: True}
+        return SearchPlan(nas_trainable, EvolutionSearcher(space, max_epochs=cfg.epochs, seeds=[ref, bad]), {}, cfg.trials, True)
+
+    yield "test-crash"
+    SEARCHERS.pop("test-crash")
+
+
+def test_tiny_tune_run_ends_with_a_front_file_and_a_registered_best_config(ray_session, tmp_path, crash_searcher):
+    registry = ModelRegistry(tmp_path / "home")
+    cfg = NASConfig(searcher=crash_searcher, trials=3, storage_path=str(tmp_path / "tune"), **TINY)
+    res = run_search(cfg, registry, out_dir=tmp_path / "out", progress=False)
+    status = {t.trial_id: t.status for t in res.trials}
+    assert len(res.trials) == 3
+    failed = [t for t in res.trials if t.status == "failed"]
+    assert len(failed) == 1 and "outside the search space" in failed[0].error  # recorded; the search went on
+    assert sum(s == "completed" for s in status.values()) == 2
+    assert any(t.reference and t.status == "completed" for t in res.trials)
+    # the results table, the front PNG and the JSON summary
+    rows = list(csv.DictReader(open(res.files["table"])))
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed", "failed"}
+    assert Path(res.files["front"]).stat().st_size > 5000
+    section = json.loads(Path(res.files["json"]).read_text())
+    assert section["trials"] == 3 and section["front"] and section["status_counts"]["failed"] == 1
+    # the best front member is registered and loads with its calibrated thresholds
+    assert len(res.registered) == 1 and res.registered[0].startswith("nas-mnist-5k:v")
+    stored = load_model(registry, res.registered[0])
+    assert stored.info.meta["nas"]["candidate"] in [t.candidate for t in res.trials]
+    assert stored.rule is not None and stored.model.num_exits >= 2
+
+
+def test_asha_stops_trials_early_but_never_the_reference(ray_session, tmp_path):
+    registry = ModelRegistry(tmp_path / "home")
+    # random search with ASHA over 3 epochs: the rung at epoch 1 keeps the best third
+    cfg = NASConfig(searcher="random", trials=5, storage_path=str(tmp_path / "tune"), **{**TINY, "epochs": 3, "register_top": 0})
+    res = run_search(cfg, registry, out_dir=tmp_path / "rand", progress=False)
+    assert len(res.trials) == 5 and not [t for t in res.trials if t.status == "failed"]
+    stopped = [t for t in res.trials if t.status == "stopped"]
+    assert stopped and all(t.epochs < 3 for t in stopped) and res.asha_stopped_frac == len(stopped) / 4
+    ref = next(t for t in res.trials if t.reference)
+    assert ref.status == "completed" and ref.epochs == 3  # ASHA ranks the reference but never stops it
