@@ -80,6 +80,23 @@ def test_job_entrypoints(demo, env, tmp_path):
     assert "core" in json.loads(out.read_text())  # merged, not overwritten
 
 
+def test_nas_bench_with_darts_through_tune(env, tmp_path):
+    """`dynray bench nas --nas-searcher darts` on a tiny budget: the DARTS supernet searched,
+    discretised, trained and measured as a Tune trial; the nas section, the front PNG and a
+    registered config (the evolutionary and random searchers run in tests/ray)."""
+    out = tmp_path / "b.json"
+    tiny = ["--nas-searcher", "darts", "--nas-trials", "1", "--nas-darts-epochs", "1", "--nas-epochs", "1", "--nas-grace", "1", "--nas-train-limit", "256", "--nas-register-top", "1"]
+    p = run([DYNRAY, "bench", "nas", "--dataset", "mnist-5k", *tiny, "--json", str(out)], env, timeout=400)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    n = json.loads(out.read_text())["nas"]
+    assert n["searcher"] == "darts" and n["trials"] == 1 and n["status_counts"]["completed"] == 1 and len(n["front"]) == 1
+    assert {"minutes", "asha_stopped_frac", "predictor_spearman", "dominates_default"} <= set(n)
+    assert Path(n["files"]["front"]).exists() and Path(n["files"]["table"]).parent == tmp_path / "nas"
+    assert "Pareto front" in p.stdout and "registered: nas-mnist-5k:v1" in p.stdout
+    meta = json.loads(run([DYNRAY, "models", "show", "nas-mnist-5k:v1"], env).stdout)
+    assert meta["nas"]["searcher"] == "darts" and meta["thresholds"]["thresholds"]
+
+
 def test_finetune_registers_a_child(demo, env):
     p = run([DYNRAY, "finetune", "--model", "dynnet-mnist-5k:v2", "--epochs", "1", "--workers", "1", "--gradual", "--name", "ft"], env)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -107,15 +124,32 @@ def _models(env: dict) -> list[str]:
         (["train", "--arch", "moe", "--experts", "6", "--groups", "4", "--epochs", "1"], "groups must divide num_experts"),
         (["train", "--arch", "moe", "--capacity-factor", "0", "--epochs", "1"], "capacity factors must be > 0"),
         (["bench", "moe", "--model", "dynnet-mnist-5k:v2", "--json", "x.json"], "needs a model with MoE stages"),
+        (["nas", "run", "--time-budget", "0"], "time budget must be a positive"),
+        (["nas", "run", "--searcher", "evolutoin"], "did you mean evolution"),
+        (["nas", "run", "--trials", "0"], "at least one trial"),
     ],
 )
-def test_bad_input_gets_one_line_and_exit_2(demo, env, args, message):
+def test_bad_input_gets_one_line_and_exit_2(demo, env, args, message, monkeypatch, capsys):
+    """In-process through ``dynray.cli.main`` (what the console script calls): every case fails
+    before Ray or training starts, so a subprocess per case would only add start-up time."""
+    from dynray.cli import main
+
+    for k in ("DYNRAY_HOME", "DYNRAY_DATA"):
+        monkeypatch.setenv(k, env[k])
+    monkeypatch.chdir(ROOT)
     before = _models(env)
-    p = run([DYNRAY, *args], env)
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert message in p.stderr
-    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    rc = main(list(args))
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert _models(env) == before  # nothing half-written in the registry
+
+
+@pytest.mark.parametrize("args, message", [(["train", "--dataset", "mnist5k", "--epochs", "1"], "did you mean mnist-5k"), (["nas", "run", "--time-budget", "0"], "time budget")])
+def test_bad_input_through_the_console_script(env, args, message):
+    p = run([DYNRAY, *args], env)
+    assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
 
 
 def test_serve_up_status_roll_down(demo, env):
