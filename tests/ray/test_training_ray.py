@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dynray.errors import UnknownNameError
+from dynray.bench import CoreBenchConfig
 from dynray.pipeline import bench_and_write, calibrate_and_register, train_and_register
 from dynray.registry import ModelRegistry
 from dynray.store import load_model
@@ -48,7 +49,8 @@ def test_calibrate_then_bench(trained, mnist5k, tmp_path):
     assert cal.meta["parent"] == info.ref and cal.meta["thresholds_source"] == "calibrated"
     assert res.val.accuracy >= res.reference_accuracy - 0.01 - 1e-9
     registry.promote(cal.ref, "production")
-    s = bench_and_write(registry, None, dataset=None, json_path=tmp_path / "b.json")
+    quick = CoreBenchConfig(batches=3, singles=20, warmup_s=0.1)  # behaviour, not speed
+    s = bench_and_write(registry, None, dataset=None, json_path=tmp_path / "b.json", cfg=quick)
     assert s["model"] == cal.ref and s["macs_adaptive"] < s["macs_full"]
 
 
