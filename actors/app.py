@@ -5,13 +5,12 @@ bound to each other). ``args.system`` picks the dynray graph or one of the basel
 serving benchmark compares against: ``all_cloud`` (the plain full model on one cloud
 deployment), ``edge_only`` (the plain full model on the edge tier) and ``noop`` (the
 overhead floor). The ingress only wires things: request decoding is
-:mod:`dynray.payload`, routing and failover :mod:`dynray.failover`, the A/B split
-:mod:`dynray.traffic`.
+:mod:`dynray.serving.payload`, routing and failover :mod:`dynray.serving.failover`, the A/B split
+:mod:`dynray.serving.split`.
 """
 
 import asyncio
 import logging
-import os
 import time
 
 import torch
@@ -24,19 +23,19 @@ from ray.serve.metrics import Counter, Histogram
 
 from actors.device import Device
 from actors.expert import ExpertHost
-from dynray import metrics as M
+from dynray.serving import metrics as M
 from dynray.errors import DynrayError, RequestError
-from dynray.failover import DeviceCall, FailoverConfig, Orchestrator
-from dynray.partition import DeviceReply, DeviceRequest, group_requests, split_reply
-from dynray.payload import ErrorResponse, PayloadLimits, PredictRequest, PredictResponse, decode_request
-from dynray.registry import ModelRegistry
+from dynray.serving.failover import DeviceCall, FailoverConfig, Orchestrator
+from dynray.serving.partition import DeviceReply, DeviceRequest, group_requests, split_reply
+from dynray.serving.payload import ErrorResponse, PayloadLimits, PredictRequest, PredictResponse, decode_request
+from dynray.registry import ModelRegistry, default_home
 from dynray.routing.costs import RouteCosts
 from dynray.routing.features import CostWeights
 from dynray.routing.policy import find_policy
 from dynray.routing.rules import ROUTERS, RouteContext
-from dynray.scheduling import NoDeviceAvailable, get_policy, request_cost
-from dynray.serving import CLOUD, EDGE, INGRESS, NOOP, AppArgs, IngressUserConfig, TierArgs, expert_name
-from dynray.traffic import TrafficSplit
+from dynray.serving.scheduling import NoDeviceAvailable, get_policy, request_cost
+from dynray.serving.config import CLOUD, EDGE, INGRESS, NOOP, AppArgs, IngressUserConfig, TierArgs, expert_name
+from dynray.serving.split import TrafficSplit
 
 __all__ = ["build_app", "Ingress", "Noop", "api"]
 
@@ -51,7 +50,7 @@ api = FastAPI(
 
 
 def _home(home: str | None) -> str:
-    return os.path.abspath(home or os.environ.get("DYNRAY_HOME", ".dynray"))
+    return str(default_home(home))
 
 
 def _device_call(handle: DeploymentHandle) -> DeviceCall:

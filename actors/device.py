@@ -3,7 +3,7 @@
 The same class runs as a plain Ray actor (``ray.remote(Device)``, for batch jobs and
 simulations) and as a Serve deployment replica (``actors.app`` wraps it with
 ``serve.deployment``). It only wires things together: the stage execution is
-:func:`dynray.partition.run_stages`, the load bookkeeping :class:`dynray.scheduling.LoadTracker`.
+:func:`dynray.serving.partition.run_stages`, the load bookkeeping :class:`dynray.serving.scheduling.LoadTracker`.
 
 **Simulation parameters.** On one machine the profile's ``rtt_ms`` is injected as a
 network delay around each call (half before, half after), and its ``speed`` factor as
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 import torch
@@ -29,13 +28,13 @@ from ray import serve
 
 from actors.expert import attach_remote_experts
 from dynray.errors import RegistryError, ServingError
-from dynray.partition import DeviceReply, DeviceRequest, StageRange, StageResult, group_requests, run_stages, split_result
-from dynray.registry import ModelRegistry
+from dynray.serving.partition import DeviceReply, DeviceRequest, StageRange, StageResult, group_requests, run_stages, split_result
+from dynray.registry import ModelRegistry, default_home
 from dynray.routing.hybrid import HybridConfig, HybridRouter
 from dynray.routing.policy import PolicyNet, find_policy, load_policy
 from dynray.routing.rules import make_rule
-from dynray.scheduling import DeviceProfile, LoadTracker
-from dynray.serving import DeviceUserConfig
+from dynray.serving.scheduling import DeviceProfile, LoadTracker
+from dynray.serving.config import DeviceUserConfig
 from dynray.store import StoredModel, load_model
 
 __all__ = ["Device"]
@@ -54,7 +53,7 @@ def _replica_id() -> tuple[str, bool]:
 
 
 def registry_home(home: str | None) -> str:
-    return home or os.environ.get("DYNRAY_HOME", ".dynray")
+    return str(default_home(home))
 
 
 class Device:

@@ -16,7 +16,6 @@ expert by gate score (``dynray/models/moe.py``), so no request is lost.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,8 +25,8 @@ from torch import nn
 
 from dynray.errors import RegistryError, ServingError
 from dynray.models.moe import ExpertReplies
-from dynray.registry import ModelRegistry
-from dynray.serving import DeviceUserConfig
+from dynray.registry import ModelRegistry, default_home
+from dynray.serving.config import DeviceUserConfig
 from dynray.store import load_model
 
 __all__ = ["ExpertHost", "RemoteExperts", "spawn_expert_actors", "attach_remote_experts"]
@@ -49,7 +48,7 @@ class ExpertHost:
     def reconfigure(self, user_config: dict) -> None:
         """Load the listed versions and keep only this expert of each MoE block."""
         cfg = DeviceUserConfig(**user_config)
-        reg = ModelRegistry(cfg.home or os.environ.get("DYNRAY_HOME", ".dynray"))
+        reg = ModelRegistry(default_home(cfg.home))
         modules: dict[tuple[str, int], nn.Module] = {}
         for ref in cfg.models:
             sm = load_model(reg, reg.resolve(ref).ref)
@@ -128,7 +127,7 @@ def spawn_expert_actors(ref: str, *, home: str | None = None, count: int | None 
     """
     import ray
 
-    home = os.path.abspath(home or os.environ.get("DYNRAY_HOME", ".dynray"))
+    home = str(default_home(home))
     reg = ModelRegistry(home)
     info = reg.resolve(ref)
     moe = (info.meta.get("config") or {}).get("moe")

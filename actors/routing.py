@@ -3,7 +3,7 @@
 Serve runs this inside every caller of a device deployment (the ingress). Each device
 replica reports its profile and load through ``record_routing_stats``; the router
 combines that with Serve's live queue-length cache (fresher than the periodic stats) and
-asks :meth:`dynray.scheduling.SchedulingPolicy.rank_replicas` for the preference order.
+asks :meth:`dynray.serving.scheduling.SchedulingPolicy.rank_replicas` for the preference order.
 Replicas on identical devices (same profile) are then merged into one rank, in the order
 the policy put them: among identical devices the freshest signal is Serve's live queue
 length, and Serve picks the least-loaded replica of a rank that accepts the request.
@@ -20,7 +20,7 @@ from dataclasses import replace
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from dynray.errors import ConfigError
-from dynray.scheduling import EDGE_PROFILE, LoadReport, SchedulingPolicy, get_policy
+from dynray.serving.scheduling import EDGE_PROFILE, LoadReport, SchedulingPolicy, get_policy
 
 __all__ = ["LoadAwareRouter"]
 

@@ -1,15 +1,18 @@
-"""Small durable-file helpers for the registry: digests, fsync'd writes, the git commit."""
+"""Small durable-file helpers: digests, fsync'd and atomic writes, a file lock, the git commit."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["sha256_bytes", "sha256_file", "fsync_path", "write_durable", "git_commit"]
+__all__ = ["sha256_bytes", "sha256_file", "fsync_path", "write_durable", "write_atomic", "locked", "git_commit"]
 
 GIT_TIMEOUT_S = 2.0
 
@@ -54,3 +57,40 @@ def git_commit() -> str | None:
         return None
     commit = out.stdout.strip()
     return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", commit) else None
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Replace ``path`` with ``data`` so a reader sees the old file or the new one, never half.
+
+    Writes a temporary file in the same directory, fsyncs it, renames it over ``path`` and
+    fsyncs the directory. A crash mid-write leaves the old file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_path(path.parent)
+    return path
+
+
+@contextlib.contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path``'s sidecar ``.lock`` file (processes on one host)."""
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

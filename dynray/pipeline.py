@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from dynray.bench import CoreBenchConfig, bench_core, merge_section
+from dynray.bench import merge_section
+from dynray.bench.core import CoreBenchConfig, bench_core
 from dynray.data import Split, load_dataset
 from dynray.evaluation import collect_exit_outputs, simulate
 from dynray.store import load_model, save_model

@@ -59,9 +59,12 @@ _INTEGRITY_FIX = "re-register the model: dynray train …, or restore the file f
 _REF_FIX = "use NAME, NAME:vN, NAME:N, production or staging"
 
 
-def default_home() -> Path:
-    """The registry home: ``$DYNRAY_HOME`` or ``./.dynray``, as an absolute path."""
-    return Path(os.environ.get("DYNRAY_HOME") or "./.dynray").expanduser().resolve()
+def default_home(home: str | os.PathLike | None = None) -> Path:
+    """The registry home as an absolute path: ``home`` if given, else ``$DYNRAY_HOME``, else ``./.dynray``.
+
+    The one place the home is resolved; every job, actor and the CLI go through it.
+    """
+    return Path(home or os.environ.get("DYNRAY_HOME") or "./.dynray").expanduser().resolve()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,12 +30,13 @@ from dynray.errors import ConfigError
 from dynray.evaluation import collect_exit_outputs, simulate
 from dynray.finetune import FinetuneConfig, param_groups, set_frozen_modes, trainable_stages
 from dynray.models import DynamicNet, DynamicNetConfig, MultiExitLoss, build
-from dynray.models.moe import MoEConfig, MoEUsage
+from dynray.models.defaults import default_model_config
+from dynray.models.moe import MoEUsage
 from dynray.registry import default_home
-from dynray.schedules import anneal, anneal_vector
+from dynray.annealing import anneal, anneal_vector
 from dynray.thresholds import ThresholdRule
 
-__all__ = ["TrainConfig", "TrainOutcome", "default_model_config", "default_moe_config", "model_config_for", "ARCHS", "make_optimizer", "train_epoch", "evaluate", "train_loop_per_worker", "fit"]
+__all__ = ["TrainConfig", "TrainOutcome", "make_optimizer", "train_epoch", "evaluate", "train_loop_per_worker", "fit"]
 log = logging.getLogger(__name__)
 
 
@@ -107,46 +108,6 @@ class TrainConfig:
 
 def _progress(epoch: int, epochs: int) -> float:
     return epoch / max(1, epochs - 1)
-
-
-def default_model_config(dataset: str) -> DynamicNetConfig:
-    """The foundation's default DynamicNet for a dataset's input shape."""
-    spec = dataset_spec(dataset)
-    if spec.input_shape[0] == 3:  # CIFAR: wider stages
-        return DynamicNetConfig(input_shape=spec.input_shape, num_classes=spec.num_classes, widths=(32, 64, 128), layers=(1, 2, 2), strides=(1, 1, 1), stem_kernel=3)
-    return DynamicNetConfig(input_shape=spec.input_shape, num_classes=spec.num_classes)
-
-
-def default_moe_config(dataset: str, moe: MoEConfig | None = None) -> DynamicNetConfig:
-    """``--arch moe``: the default DynamicNet whose last stage ends in an MoE block.
-
-    The last stage gives up one conv layer for the block: one shared expert plus the top-1
-    of 4 routed experts (Switch gate), each a quarter of the stage width wide, so the active
-    MACs per sample equal the dense default's (plus the gate's). On mnist-5k (5 seeds, 20
-    epochs, one worker) this kept 98.60% mean test accuracy against its dense twin's 98.84%;
-    noisy top-2 of 4 without a shared expert kept 98.46%.
-    """
-    base = default_model_config(dataset)
-    last = base.num_exits - 1
-    layers = base.layers[:last] + (max(1, base.layers[last] - 1),)
-    return replace(base, layers=layers, moe=moe or MoEConfig(stages=(last,), gate="switch", top_k=1, shared_experts=1))
-
-
-def model_config_for(dataset: str, arch: str) -> DynamicNetConfig:
-    """The default model of an architecture family: ``dense``, ``moe`` or ``moe-dense``
-    (the MoE model's dense twin at equal active MACs, what the MoE bench compares against)."""
-    if arch == "dense":
-        return default_model_config(dataset)
-    moe_cfg = default_moe_config(dataset)
-    if arch == "moe":
-        return moe_cfg
-    if arch == "moe-dense":
-        assert moe_cfg.moe is not None
-        return replace(moe_cfg, moe=moe_cfg.moe.dense_equivalent())
-    raise ConfigError("unknown architecture family", got=arch, fix=f"use one of {', '.join(ARCHS)}")
-
-
-ARCHS = ("dense", "moe", "moe-dense")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``dynray bench moe``: the MoE section of the bench JSON (see dynray.moe_bench).
+"""``dynray bench moe``: the MoE section of the bench JSON (see dynray.bench.moe).
 
 For each of ``--moe-seeds`` training seeds it finds the newest registered MoE model for the
 dataset (``moe-DATASET``) and its dense twin at equal active MACs (``moe-DATASET-dense``),
@@ -22,11 +22,12 @@ from dynray.bench import merge_section
 from dynray.data import load_dataset
 from dynray.errors import ConfigError
 from dynray.models.config import DynamicNetConfig, config_from_dict, config_to_dict
-from dynray.moe_bench import MoEBenchConfig, expert_usage, model_quality, remote_equality, remote_latency
+from dynray.bench.moe import MoEBenchConfig, expert_usage, model_quality, remote_equality, remote_latency
 from dynray.pipeline import train_and_register
 from dynray.registry import ModelInfo, ModelRegistry
 from dynray.store import StoredModel, load_model
-from dynray.training import TrainConfig, model_config_for
+from dynray.models.defaults import model_config_for
+from dynray.training import TrainConfig
 from jobs._ray import connect
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dynray.bench import merge_section
 from dynray.nas import run_search
-from dynray.nas.report import format_table
+from dynray.bench.nas import format_table
 from dynray.registry import ModelRegistry
 from jobs._ray import connect
 from jobs.nas import add_nas_args, config_from_args

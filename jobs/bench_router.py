@@ -1,4 +1,4 @@
-"""``dynray bench router``: the router section of the bench JSON (see dynray.routing.bench).
+"""``dynray bench router``: the router section of the bench JSON (see dynray.bench.router).
 
 Uses the PPO router registered for the model; trains one first (``jobs.train_router``) when
 there is none, so it works on its own after ``make demo``.
@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from dynray.bench import merge_section
 from dynray.errors import ConfigError
 from dynray.registry import ModelRegistry
-from dynray.routing.bench import RouterBenchConfig, bench_router, plot_curves
+from dynray.bench.router import RouterBenchConfig, bench_router, plot_curves
 from dynray.routing.cache import load_exit_cache
 from dynray.routing.costs import RouteCosts
 from dynray.routing.policy import find_policy, load_policy

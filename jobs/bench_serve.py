@@ -21,8 +21,8 @@ import numpy as np
 
 from dynray.bench import merge_section
 from dynray.data import load_dataset
-from dynray.loadgen import LoadConfig, LoadResult, run_load_sync
-from dynray.payload import encode_array
+from dynray.bench.load import LoadConfig, LoadResult, run_load_sync
+from dynray.serving.payload import encode_array
 from dynray.registry import ModelRegistry
 from jobs._ray import connect, free_port
 
@@ -57,8 +57,8 @@ def system_config(base: dict, system: str, ref: str, home: str, port: int, *, ro
         n = t.get("min_replicas", 1)
         args[tier] = {**t, "min_replicas": n, "max_replicas": n}
     app.update(name=system, route_prefix=f"/{system}")
-    from actors.deploy import app_config
-    from dynray.serving import AppArgs
+    from actors.serve_apps import app_config
+    from dynray.serving.config import AppArgs
 
     app["deployments"] = app_config(AppArgs.model_validate(args), name=system, route_prefix=f"/{system}")["deployments"]
     cfg["applications"] = [app]
@@ -89,7 +89,7 @@ def _summarise(res: LoadResult, labels: np.ndarray, *, model: bool) -> dict:
 def _chaos(url: str, images: np.ndarray, a: argparse.Namespace, app: str) -> dict:
     import ray
 
-    from actors.deploy import app_status
+    from actors.serve_apps import app_status
 
     def replicas(dep: str) -> list[str]:
         return [x["name"] for x in ray.util.list_named_actors(all_namespaces=True) if x["name"].startswith(f"SERVE_REPLICA::{app}#{dep}#")]
@@ -131,7 +131,7 @@ def _autoscale(base: dict, ref: str, home: str, port: int, images: np.ndarray, a
 
     The ingress coalesces concurrent requests, so an edge replica sees few, large calls:
     the target is per call, hence 1."""
-    from actors.deploy import app_status, deploy
+    from actors.serve_apps import app_status, deploy
 
     cfg = system_config(base, "dynray", ref, home, port)
     args = cfg["applications"][0]["args"]
@@ -164,7 +164,7 @@ def _autoscale(base: dict, ref: str, home: str, port: int, images: np.ndarray, a
 def run(a: argparse.Namespace) -> dict:
     from ray import serve
 
-    from actors import deploy as D
+    from actors import serve_apps as D
 
     reg = ModelRegistry()
     info = reg.resolve(a.model)

@@ -51,7 +51,7 @@ def run(a: argparse.Namespace) -> int:
     rt = train_router.run(SimpleNamespace(model=c["model"], minutes=a.router_minutes, iterations=a.router_iterations, batch_size=4000, env_runners=1, train_splits="train+val", seed=0))
     print(f"      registered {rt['router']}: {rt['iterations']} iterations in {rt['train_minutes']:.1f} min", flush=True)
     if not a.no_serve:
-        from jobs import traffic
+        from jobs import http_traffic as traffic
 
         print(f"[5/5] deploying the edge/cloud Serve graph with {c['model']} and the hybrid router, sending the {a.dataset} test split over HTTP", flush=True)
         t = traffic.run(SimpleNamespace(model=c["model"], dataset=a.dataset, split="test", concurrency=8, router="hybrid"))

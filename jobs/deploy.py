@@ -72,7 +72,7 @@ def _start_local_head(resources: dict) -> dict:
 
 
 def up(a: argparse.Namespace) -> dict:
-    from actors import deploy as D
+    from actors import serve_apps as D
 
     if _read_state().get("head_pid"):
         raise ServingError("a local serving cluster from `dynray serve up` is still running", got=str(_state_path()), fix="run `dynray serve down` first, or `dynray serve roll` to change models")
@@ -115,7 +115,7 @@ def _attach(a: argparse.Namespace) -> dict:
 
 
 def status(a: argparse.Namespace) -> dict:
-    from actors import deploy as D
+    from actors import serve_apps as D
 
     state = _attach(a)
     app = state.get("app", "dynray")
@@ -130,7 +130,7 @@ def status(a: argparse.Namespace) -> dict:
 
 
 def roll(a: argparse.Namespace) -> dict:
-    from actors import deploy as D
+    from actors import serve_apps as D
 
     state = _attach(a)
     if "config" not in state:
@@ -143,7 +143,7 @@ def roll(a: argparse.Namespace) -> dict:
 
 
 def down(a: argparse.Namespace) -> dict:
-    from actors import deploy as D
+    from actors import serve_apps as D
 
     state = _attach(a)
     D.shutdown()

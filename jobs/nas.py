@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from dynray.nas import NASConfig, run_search
 from dynray.nas.darts import DartsConfig
-from dynray.nas.report import format_table
+from dynray.bench.nas import format_table
 from dynray.registry import ModelRegistry
 from jobs._ray import connect
 

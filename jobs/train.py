@@ -18,7 +18,8 @@ from dynray.pipeline import train_and_register
 from dynray.registry import ModelRegistry
 from dynray.models.config import DynamicNetConfig
 from dynray.models.moe import MoEConfig
-from dynray.training import ARCHS, TrainConfig, model_config_for
+from dynray.models.defaults import ARCHS, model_config_for
+from dynray.training import TrainConfig
 from jobs._ray import connect
 
 

@@ -7,7 +7,8 @@ is complete wherever ``dynray.nas`` is imported (Ray workers import only what th
 
 from dynray.nas import searchers as _searchers  # noqa: F401  (registers random, evolution, darts)
 from dynray.nas.objectives import ObjectiveConfig
-from dynray.nas.search import NASConfig, NASResult, TrialRecord, run_search
+from dynray.nas.config import NASConfig, NASResult, TrialRecord
+from dynray.nas.search import run_search
 from dynray.nas.space import Candidate, SearchSpace, default_candidate
 
 __all__ = ["Candidate", "SearchSpace", "default_candidate", "ObjectiveConfig", "NASConfig", "NASResult", "TrialRecord", "run_search"]

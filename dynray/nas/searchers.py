@@ -1,7 +1,8 @@
-"""The searcher registry (Ray Tune used as a library; Tune is imported only when a plan is
+"""The built-in searchers (Ray Tune used as a library; Tune is imported only when a plan is
 built, so validating a config does not load it).
 
-Each registered searcher turns a :class:`~dynray.nas.search.NASConfig` into a
+Each searcher registered in :data:`dynray.nas.config.SEARCHERS` turns a
+:class:`~dynray.nas.config.NASConfig` into a
 :class:`SearchPlan`: the Tune trainable, the search algorithm, the ``param_space`` and the
 number of samples. Register new ones with ``@register_searcher("name")``; unknown names are
 refused with the close matches.
@@ -11,18 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from dynray.errors import ConfigError
+from dynray.nas.config import NASConfig, register_searcher
 from dynray.nas.space import default_candidate
 from dynray.nas.trainable import REFERENCE_KEY, TrialSettings
 
-if TYPE_CHECKING:
-    from dynray.nas.search import NASConfig
-
-__all__ = ["SEARCHERS", "SearchPlan", "register_searcher", "darts_trainable"]
-
-SEARCHERS: dict[str, Callable[["NASConfig", TrialSettings], "SearchPlan"]] = {}
+__all__ = ["SearchPlan", "darts_trainable"]
 
 
 @dataclass(frozen=True)
@@ -33,18 +29,6 @@ class SearchPlan:
     num_samples: int
     uses_reference: bool
     params: dict = field(default_factory=dict)  # extra keyword arguments of the trainable (tune.with_parameters)
-
-
-def register_searcher(name: str) -> Callable:
-    """Decorator: register ``fn(cfg, settings) -> SearchPlan`` under ``name`` (duplicates raise)."""
-
-    def deco(fn: Callable) -> Callable:
-        if name in SEARCHERS:
-            raise ConfigError("searcher registered twice", got=name, fix="pick a new name")
-        SEARCHERS[name] = fn
-        return fn
-
-    return deco
 
 
 def _reference(cfg: NASConfig) -> list[dict]:

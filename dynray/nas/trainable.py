@@ -25,7 +25,8 @@ from dynray.errors import ConfigError
 from dynray.models import DynamicNet, build
 from dynray.nas.objectives import ObjectiveConfig, measure
 from dynray.nas.space import Candidate, SearchSpace
-from dynray.training import TrainConfig, default_model_config, make_optimizer, train_epoch
+from dynray.models.defaults import default_model_config
+from dynray.training import TrainConfig, make_optimizer, train_epoch
 
 __all__ = ["TrialSettings", "REFERENCE_KEY", "nas_trainable", "train_and_report", "train_split", "train_config_for", "build_candidate", "WEIGHTS_FILE", "RULE_FILE"]
 log = logging.getLogger(__name__)

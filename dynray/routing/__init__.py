@@ -12,7 +12,7 @@ Modules, one concept each:
 - :mod:`~dynray.routing.hybrid` — policy when sure, thresholds otherwise, with adaptive trust
 - :mod:`~dynray.routing.rules` — the routers as device stop rules (the serving path; no RLlib)
 - :mod:`~dynray.routing.tuning` — thresholds tuned per cost weight (the baseline)
-- :mod:`~dynray.routing.curves`, :mod:`~dynray.routing.trace`, :mod:`~dynray.routing.bench` — ``dynray bench router``
+- :mod:`~dynray.bench.curves`, :mod:`~dynray.bench.trace`, :mod:`~dynray.bench.router` — ``dynray bench router``
 
 Import the submodules directly; this package imports nothing, so the serving path never
 loads RLlib (only :mod:`~dynray.routing.ppo` does, inside its functions).

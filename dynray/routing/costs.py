@@ -23,7 +23,7 @@ import torch
 
 from dynray.errors import ConfigError
 from dynray.models.dynamic import DynamicNet
-from dynray.scheduling import CLOUD_PROFILE, EDGE_PROFILE, DeviceProfile
+from dynray.serving.scheduling import CLOUD_PROFILE, EDGE_PROFILE, DeviceProfile
 
 __all__ = ["RouteCosts", "TierLoad", "Step", "measure_stage_ms"]
 

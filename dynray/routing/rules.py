@@ -3,7 +3,7 @@
 A device evaluates exits, so it applies the router there. The ingress attaches a
 :class:`RouteContext` to each device request: the router to use, the live load it sees and
 the cost weights. :func:`make_rule` turns it into a ``StopRule`` for
-:func:`dynray.partition.run_stages`.
+:func:`dynray.serving.partition.run_stages`.
 
 Serving executes ``offload`` as ``continue``: a device hands all its continuing samples on
 at the end of its stage range, so an offload decided before the edge's last stage runs the

@@ -12,7 +12,7 @@ from actors.expert import attach_remote_experts, spawn_expert_actors
 from dynray.data import load_dataset
 from dynray.models import DynamicNetConfig, StopAtExit, build
 from dynray.models.moe import ExpertReplies, LocalExperts, MoEConfig
-from dynray.payload import encode_array
+from dynray.serving.payload import encode_array
 from dynray.registry import ModelRegistry
 from dynray.store import load_model, save_model
 from dynray.thresholds import ThresholdRule
@@ -95,7 +95,7 @@ def test_serve_graph_with_remote_experts(ray_session, moe_home, x_test):
     """cluster/serve.yaml with experts.count = 4: answers equal the offline model's; an expert
     replica killed mid-traffic loses no request."""
     import ray
-    from actors import deploy as D
+    from actors import serve_apps as D
 
     home, ref = moe_home
     port = free_port()

@@ -11,7 +11,8 @@ import pytest
 
 from dynray.nas import Candidate, NASConfig, SearchSpace, default_candidate, run_search
 from dynray.nas.evolution_searcher import EvolutionSearcher
-from dynray.nas.searchers import SEARCHERS, SearchPlan, register_searcher
+from dynray.nas.config import SEARCHERS, register_searcher
+from dynray.nas.searchers import SearchPlan
 from dynray.nas.trainable import REFERENCE_KEY, nas_trainable
 from dynray.registry import ModelRegistry
 from dynray.store import load_model

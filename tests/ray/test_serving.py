@@ -16,9 +16,9 @@ import requests
 import torch
 
 from dynray.data import load_dataset
-from dynray.loadgen import LoadConfig, run_load_sync
+from dynray.bench.load import LoadConfig, run_load_sync
 from dynray.models import DynamicNetConfig, build
-from dynray.payload import encode_array
+from dynray.serving.payload import encode_array
 from dynray.registry import ModelRegistry
 from dynray.routing.features import obs_dim
 from dynray.routing.policy import PolicyNet, save_policy
@@ -61,7 +61,7 @@ def _register_stop_policy(reg: ModelRegistry, ref: str) -> None:
 
 @pytest.fixture(scope="module")
 def served(ray_session, tmp_path_factory):
-    from actors import deploy as D
+    from actors import serve_apps as D
 
     home = tmp_path_factory.mktemp("serve-home")
     reg = ModelRegistry(home)
@@ -162,7 +162,7 @@ def _load_in_background(url: str, n: int, concurrency: int, x: torch.Tensor):
 
 
 def test_zero_downtime_roll_then_ab_split(served):
-    from actors import deploy as D
+    from actors import serve_apps as D
 
     x = load_dataset("mnist-5k", "test").images[:64]
     t, out = _load_in_background(served["url"], 400, 4, x)
@@ -193,7 +193,7 @@ def _replicas(deployment: str) -> list[str]:
 def test_chaos_kill_edge_then_cloud_every_request_answered(served):
     import ray
 
-    from actors import deploy as D
+    from actors import serve_apps as D
 
     x = load_dataset("mnist-5k", "test").images[:64]
     t, out = _load_in_background(served["url"], 600, 8, x)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dynray.errors import UnknownNameError
-from dynray.bench import CoreBenchConfig
+from dynray.bench.core import CoreBenchConfig
 from dynray.pipeline import bench_and_write, calibrate_and_register, train_and_register
 from dynray.registry import ModelRegistry
 from dynray.store import load_model

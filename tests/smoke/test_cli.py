@@ -170,7 +170,7 @@ def test_serve_up_status_roll_down(demo, env):
     try:
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
         assert f"127.0.0.1:{port}/v1/predict" in p.stdout
-        from dynray.payload import encode_array
+        from dynray.serving.payload import encode_array
         import torch
 
         r = requests.post(f"http://127.0.0.1:{port}/v1/predict", json=encode_array(torch.zeros(2, 1, 28, 28)), timeout=30)

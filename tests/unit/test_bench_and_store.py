@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from dynray.bench import CoreBenchConfig, bench_core, merge_section
+from dynray.bench import merge_section
+from dynray.bench.core import CoreBenchConfig, bench_core
 from dynray.errors import ConfigError, IntegrityError
 from dynray.registry import ModelRegistry
 from dynray.store import load_model, save_model

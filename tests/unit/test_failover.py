@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from dynray.errors import ConfigError
-from dynray.failover import Answer, FailoverConfig, Orchestrator, TierView
+from dynray.serving.failover import Answer, FailoverConfig, Orchestrator, TierView
 from dynray.models import StopAtExit
-from dynray.partition import DeviceReply, DeviceRequest, StageInput, StageRange, range_macs, run_stages
-from dynray.scheduling import CLOUD_PROFILE, EDGE_PROFILE, LatencyPolicy, LoadTracker, NoDeviceAvailable, PathEstimate
+from dynray.serving.partition import DeviceReply, DeviceRequest, StageInput, StageRange, range_macs, run_stages
+from dynray.serving.scheduling import CLOUD_PROFILE, EDGE_PROFILE, LatencyPolicy, LoadTracker, NoDeviceAvailable, PathEstimate
 from dynray.thresholds import ThresholdRule
 
 N = 16
@@ -391,7 +391,7 @@ def test_failover_config_validation(bad):
 
 
 def test_a_tier_reporting_only_unhealthy_replicas_is_not_chosen(tiny_cnn):
-    from dynray.scheduling import LoadReport
+    from dynray.serving.scheduling import LoadReport
 
     orch = _orch(tiny_cnn, lambda r: None, lambda r: None)
     orch.views["edge"].loads["edge-0"] = LoadReport(replica="edge-0", profile=EDGE_PROFILE, in_flight=0, queue_len=0, ewma_service_ms=0.0, healthy=False)

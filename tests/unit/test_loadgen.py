@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from dynray.errors import ConfigError
-from dynray.loadgen import LoadConfig, LoadResult, RequestRecord, run_load, run_load_sync
+from dynray.bench.load import LoadConfig, LoadResult, RequestRecord, run_load, run_load_sync
 
 
 class _Server:

@@ -19,7 +19,7 @@ from dynray.nas.objectives import ObjectiveConfig, measure
 from dynray.nas.pareto import dominates, pareto_front, pareto_ranks
 from dynray.nas.predictor import Observation, PerformancePredictor, heldout_spearman
 from dynray.nas.trainable import TrialSettings, build_candidate, train_config_for
-from dynray.training import default_model_config
+from dynray.models.defaults import default_model_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SPACE = SearchSpace()

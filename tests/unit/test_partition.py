@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dynray.errors import ConfigError
 from dynray.models import StopAtExit
-from dynray.partition import DeviceReply, DeviceRequest, StageInput, StageRange, StageResult, concat_inputs, group_requests, range_macs, run_stages, split_reply, split_result
+from dynray.serving.partition import DeviceReply, DeviceRequest, StageInput, StageRange, StageResult, concat_inputs, group_requests, range_macs, run_stages, split_reply, split_result
 from dynray.thresholds import ThresholdRule
 
 N = 24

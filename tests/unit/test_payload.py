@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from dynray.errors import ConfigError, RequestError
-from dynray.payload import (
+from dynray.serving.payload import (
     ALLOWED_KEYS,
     DecodedRequest,
     ErrorResponse,
@@ -382,4 +382,4 @@ def test_fuzz_only_request_errors_or_success(caplog):
             assert 0 <= float(out.images.min()) and float(out.images.max()) <= 1
             outcomes["ok"] += 1
     assert outcomes[400] > 100 and outcomes[422] > 100 and outcomes["ok"] > 10  # it reaches past parsing
-    assert not [r for r in caplog.records if r.name == "dynray.payload"], "a parser gap was wrapped"
+    assert not [r for r in caplog.records if r.name == "dynray.serving.payload"], "a parser gap was wrapped"

@@ -19,13 +19,13 @@ from dynray.evaluation import ExitRecords, simulate
 from dynray.registry import ModelRegistry
 from dynray.routing.cache import load_exit_cache
 from dynray.routing.costs import RouteCosts, TierLoad
-from dynray.routing.curves import compare, cost_at, frontier
+from dynray.bench.curves import compare, cost_at, frontier
 from dynray.routing.env import LoadSampler, RouterEnvConfig, RoutingEnv, WeightSampler
 from dynray.routing.features import CONTINUE, OFFLOAD, STOP, CostWeights, Load, build_observation, obs_dim
 from dynray.routing.hybrid import HybridConfig, HybridRouter
 from dynray.routing.policy import PolicyNet, find_policy, load_policy, save_policy
 from dynray.routing.rollout import observed_load, rollout, threshold_decide
-from dynray.routing.trace import LoadShift, run_trace
+from dynray.bench.trace import LoadShift, run_trace
 from dynray.routing.tuning import exit_prices, tune_thresholds
 from dynray.thresholds import ThresholdRule
 
@@ -523,7 +523,7 @@ def test_policy_rule_in_run_stages_matches_the_rollout():
     """The device-side rule (serving) decides exactly as the rollout (training/bench) does."""
     from dynray.evaluation import collect_exit_outputs
     from dynray.models import DynamicNetConfig, build
-    from dynray.partition import StageInput, StageRange, run_stages
+    from dynray.serving.partition import StageInput, StageRange, run_stages
     from dynray.routing.rules import HybridRule, PolicyRule, RouteContext
 
     torch.manual_seed(0)

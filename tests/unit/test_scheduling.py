@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
-from dynray import scheduling
+from dynray.serving import scheduling
 from dynray.errors import ConfigError, DynrayError, UnknownNameError
-from dynray.scheduling import (
+from dynray.serving.scheduling import (
     CLOUD_PROFILE,
     EDGE_PROFILE,
     BalancedPolicy,

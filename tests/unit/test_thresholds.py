@@ -9,7 +9,7 @@ import torch
 
 from dynray.errors import CalibrationError, ConfigError, UnknownNameError
 from dynray.evaluation import ExitRecords, oracle, simulate
-from dynray.schedules import anneal, anneal_vector
+from dynray.annealing import anneal, anneal_vector
 from dynray.thresholds import CalibrationTarget, ThresholdRule, calibrate, sensitivity
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from dynray.errors import ConfigError, RequestError
-from dynray.traffic import TrafficSplit
+from dynray.serving.split import TrafficSplit
 
 VERSIONS = ("net:v1", "net:v2", "net:v3", "net:v4")
 

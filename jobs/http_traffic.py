@@ -1,6 +1,6 @@
 """Deploy the dynray graph on the local Ray, send a split over HTTP, report what happened.
 
-    python -m jobs.traffic [--model REF] [--dataset D] [--split test] [--concurrency 8]
+    python -m jobs.http_traffic [--model REF] [--dataset D] [--split test] [--concurrency 8]
 
 The last step of the demo: every image of the split goes through the real HTTP API
 (``array_b64`` uint8, one image per request) with a closed-loop async client; the
@@ -18,8 +18,8 @@ from collections import Counter
 import numpy as np
 
 from dynray.data import load_dataset
-from dynray.loadgen import LoadConfig, run_load_sync
-from dynray.payload import encode_array
+from dynray.bench.load import LoadConfig, run_load_sync
+from dynray.serving.payload import encode_array
 from dynray.registry import ModelRegistry
 from jobs._ray import connect, free_port
 
@@ -36,7 +36,7 @@ def add_traffic_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> dict:
-    from actors import deploy as D
+    from actors import serve_apps as D
     from jobs.bench_serve import system_config
 
     reg = ModelRegistry()
@@ -72,7 +72,7 @@ def run(a: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m jobs.traffic", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.http_traffic", description=__doc__.splitlines()[0])
     add_traffic_args(p)
     return run(p.parse_args(argv))
 

@@ -21,7 +21,7 @@ from ray.serve._private import api as _serve_api  # the same entry points `serve
 from ray.serve.schema import ServeDeploySchema
 
 from dynray.errors import ServingError
-from dynray.serving import CLOUD, EDGE, INGRESS, AppArgs, expert_name
+from dynray.serving.config import CLOUD, EDGE, INGRESS, AppArgs, expert_name
 
 __all__ = ["load_config", "app_config", "deploy", "wait_running", "roll", "delete_apps", "shutdown", "app_status", "check_resources"]
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dynray.scheduling import CLOUD_PROFILE, EDGE_PROFILE, DeviceProfile, policy_names
+from dynray.serving.scheduling import CLOUD_PROFILE, EDGE_PROFILE, DeviceProfile, policy_names
 
 __all__ = [
     "SYSTEMS",

@@ -15,7 +15,7 @@ from dynray.errors import ConfigError
 from dynray.models import build
 from dynray.nas.pareto import pareto_front, plot_front
 from dynray.nas.predictor import Observation, heldout_spearman
-from dynray.nas.search import NASConfig, NASResult, TrialRecord, settings_for
+from dynray.nas.config import NASConfig, NASResult, TrialRecord, settings_for
 from dynray.nas.space import Candidate
 from dynray.nas.trainable import REFERENCE_KEY, RULE_FILE, WEIGHTS_FILE, train_config_for
 from dynray.registry import ModelRegistry

@@ -7,9 +7,7 @@ plot uses the exact cached-output simulation (see ``dynray.evaluation``).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import resource
 import time
 from collections.abc import Callable
@@ -26,10 +24,8 @@ from dynray.models.fuse import fused_copy
 from dynray.store import StoredModel
 from dynray.thresholds import ThresholdRule
 
-__all__ = ["CoreBenchConfig", "bench_core", "merge_section", "plot_tradeoff", "SECTIONS"]
+__all__ = ["CoreBenchConfig", "bench_core", "plot_tradeoff"]
 log = logging.getLogger(__name__)
-
-SECTIONS = ("core", "serve", "router", "moe", "nas", "security", "compress", "gan", "federated")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,22 +183,3 @@ def plot_tradeoff(rec: ExitRecords, rule: ThresholdRule, section: dict, path: st
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def merge_section(path: str | Path, section: str, data: dict) -> dict:
-    """Write or merge one section into the bench JSON file (atomic replace)."""
-    if section not in SECTIONS:
-        raise ConfigError("unknown bench section", got=section, fix=f"one of {', '.join(SECTIONS)}")
-    path = Path(path)
-    doc: dict = {}
-    if path.exists():
-        try:
-            doc = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError("bench JSON file is not valid JSON", got=str(path), fix="delete it or pass another --json path") from e
-    doc[section] = data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, path)
-    return doc

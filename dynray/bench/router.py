@@ -7,14 +7,14 @@ Everything is replayed exactly from cached exit outputs (:mod:`dynray.routing.ro
   per λ), PPO at a grid of λ_cost, the hybrid (each calibrated rule with the policy at the
   matching operating point, trust adapted on val), and the oracle.
 - **equal-accuracy saving**: each router point against the thresholds frontier at the same
-  accuracy (:mod:`dynray.routing.curves`); the median over the curve is reported.
+  accuracy (:mod:`dynray.bench.curves`); the median over the curve is reported.
 - **λ sweep**: the one λ-conditioned policy at 5 λ values against thresholds re-tuned for
   the same λ on val. When their test accuracies are equal (within ``equal_accuracy``) the
   pair's costs are compared directly; otherwise against the re-tuned thresholds' frontier at
   PPO's accuracy. ``lambda_sweep_max_gap`` is the worst relative cost gap;
   ``lambda_sweep_max_gap_vs_frontier`` is the stricter gap against the frontier of thresholds
   re-tuned at every λ of the grid, whatever λ reached it.
-- **load shift**: the :mod:`dynray.routing.trace` scenario (cloud x5 for a window), counting
+- **load shift**: the :mod:`dynray.bench.trace` scenario (cloud x5 for a window), counting
   latency-SLO misses; PPO and hybrid use the λ_cost whose accuracy on the val trace is
   closest to the thresholds' (chosen on val, reported on test).
 """
@@ -30,12 +30,12 @@ import torch
 
 from dynray.evaluation import ExitRecords, oracle
 from dynray.routing.costs import RouteCosts
-from dynray.routing.curves import compare, frontier
+from dynray.bench.curves import compare, frontier
 from dynray.routing.features import CostWeights
 from dynray.routing.hybrid import HybridConfig, HybridRouter
 from dynray.routing.policy import PolicyNet
 from dynray.routing.rollout import Paths, rollout, threshold_decide
-from dynray.routing.trace import LoadShift, run_trace
+from dynray.bench.trace import LoadShift, run_trace
 from dynray.routing.tuning import exit_prices, tune_thresholds
 from dynray.thresholds import CalibrationTarget, ThresholdRule, calibrate
 

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 import torch
 
 from dynray.errors import ConfigError
-from dynray.partition import DeviceReply, DeviceRequest, StageInput
+from dynray.serving.partition import DeviceReply, DeviceRequest, StageInput
 from dynray.routing.features import Load
 from dynray.routing.rules import RouteContext
-from dynray.scheduling import DeviceProfile, LoadReport, NoDeviceAvailable, PathEstimate, SchedulingPolicy, WorkloadEstimate, estimate_paths
+from dynray.serving.scheduling import DeviceProfile, LoadReport, NoDeviceAvailable, PathEstimate, SchedulingPolicy, WorkloadEstimate, estimate_paths
 
 __all__ = ["FailoverConfig", "TierView", "Answer", "Orchestrator", "DeviceCall"]
 
