@@ -1,70 +1,80 @@
-"""Ray job: benchmark a registered model and merge the section into a bench JSON file.
+"""Ray job: measure one bench section and merge it into the bench JSON file.
 
-    python -m jobs.bench core --dataset mnist-5k --json out.json
+    python -m jobs.bench core --json out/bench.json          (core: the adaptive network itself)
+    python -m jobs.bench serve|router|moe|nas --json out/bench.json [section flags]
+    dynray bench SECTION --json out/bench.json
+
+Each section is its own job module (``jobs.bench_serve``, ``jobs.bench_router``,
+``jobs.bench_moe``, ``jobs.bench_nas``) with its own flags (``--help`` after the section
+name lists them); the measurements are in :mod:`dynray.bench`. An existing JSON file is
+checked before the measurement starts, so a corrupt one is refused before minutes of work.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
+import difflib
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Union
 
-from dynray.bench import SECTIONS
-from dynray.errors import ConfigError
+import tyro
+
+from dynray.bench import BUILT_SECTIONS, SECTIONS, BenchResult, BenchTarget, check_bench_file
+from dynray.errors import UnknownNameError
+from dynray.flags import guarded, parse, setup_logging
 from dynray.pipeline import bench_and_write
 from dynray.registry import ModelRegistry
+from jobs import bench_moe, bench_nas, bench_router, bench_serve
 
-IMPLEMENTED = ("core", "serve", "router", "moe", "nas")
-
-
-def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("section", choices=SECTIONS, help="bench section")
-    p.add_argument("--model", default=None, help="model ref (default: production, else newest)")
-    p.add_argument("--dataset", default=None, help="dataset (default: the model's own)")
-    p.add_argument("--json", required=True, help="bench JSON file to write or merge into")
-    p.add_argument("--plot", default=None, help="PNG path (default: next to the JSON)")
-    from jobs.bench_serve import add_bench_serve_args
-
-    add_bench_serve_args(p.add_argument_group("serve section"))
-    from jobs.bench_router import add_bench_router_args
-
-    add_bench_router_args(p.add_argument_group("router section"))
-    from jobs.bench_moe import add_bench_moe_args
-
-    add_bench_moe_args(p.add_argument_group("moe section"))
-    from jobs.bench_nas import add_bench_nas_args
-
-    add_bench_nas_args(p.add_argument_group("nas section"))
+__all__ = ["CoreConfig", "Config", "run_core", "run", "parse_args", "main"]
 
 
-def run(a: argparse.Namespace) -> dict:
-    if a.section not in IMPLEMENTED:
-        raise ConfigError(f"bench section '{a.section}' is not built yet", got=a.section, fix=f"available now: {', '.join(IMPLEMENTED)}")
-    if a.section == "serve":
-        from jobs import bench_serve
-
-        return bench_serve.run(a)
-    if a.section == "router":
-        from jobs import bench_router
-
-        return bench_router.run(a)
-    if a.section == "moe":
-        from jobs import bench_moe
-
-        return bench_moe.run(a)
-    if a.section == "nas":
-        from jobs import bench_nas
-
-        return bench_nas.run(a)
-    return bench_and_write(ModelRegistry(), a.model, dataset=a.dataset, json_path=a.json, plot_path=a.plot)
+@dataclass(frozen=True, kw_only=True)
+class CoreConfig(BenchTarget):
+    """Accuracy, MACs, oracle gap, exit mix, latency and throughput of a calibrated model; merge the "core" section."""
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.splitlines()[0])
-    add_bench_args(p)
-    return run(p.parse_args(argv))
+def run_core(cfg: CoreConfig) -> BenchResult:
+    check_bench_file(cfg.json)
+    section = bench_and_write(ModelRegistry(), cfg.model, dataset=cfg.dataset, json_path=cfg.json, plot_path=cfg.plot)
+    return BenchResult("core", section, cfg.json)
+
+
+Config = Union[  # noqa: UP007 - tyro reads the subcommands from a typing.Union
+    Annotated[CoreConfig, tyro.conf.subcommand("core")],
+    Annotated[bench_serve.Config, tyro.conf.subcommand("serve")],
+    Annotated[bench_router.Config, tyro.conf.subcommand("router")],
+    Annotated[bench_moe.Config, tyro.conf.subcommand("moe")],
+    Annotated[bench_nas.Config, tyro.conf.subcommand("nas")],
+]
+"""One config type per section; the section name on the command line picks it."""
+
+_RUN = {CoreConfig: run_core, bench_serve.Config: bench_serve.run, bench_router.Config: bench_router.run,
+        bench_moe.Config: bench_moe.run, bench_nas.Config: bench_nas.run}
+
+
+def run(cfg: CoreConfig | bench_serve.Config | bench_router.Config | bench_moe.Config | bench_nas.Config) -> BenchResult:
+    return _RUN[type(cfg)](cfg)
+
+
+def parse_args(argv: list[str] | None = None, *, prog: str = "python -m jobs.bench") -> CoreConfig | bench_serve.Config | bench_router.Config | bench_moe.Config | bench_nas.Config:
+    """The section's config from the command line (the section name first)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in BUILT_SECTIONS:
+        planned = [s for s in SECTIONS if s not in BUILT_SECTIONS]
+        close = difflib.get_close_matches(argv[0], BUILT_SECTIONS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UnknownNameError("bench section", argv[0], BUILT_SECTIONS, fix=f"{hint}measure one of {', '.join(BUILT_SECTIONS)} ({', '.join(planned)} are not built yet)")
+    if argv[:1] == ["nas"]:
+        argv = bench_nas.unprefix(argv)
+    return parse(Config, argv, prog=prog, description=__doc__)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None, *, prog: str = "python -m jobs.bench") -> int:
+    print(run(parse_args(argv, prog=prog)).summary(), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(json.dumps(main(), indent=2))
+    setup_logging()
+    sys.exit(guarded(main, prog="python -m jobs.bench"))

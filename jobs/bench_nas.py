@@ -1,51 +1,70 @@
-"""``dynray bench nas``: run the budgeted search and merge the ``"nas"`` section.
+"""NAS benchmark: run the budgeted search and merge the "nas" section of the bench JSON.
 
-Defaults are the issue's budget: 30 trials (the foundation-default reference included),
-15 minutes, evolution + ASHA on 2 CPUs. The front PNG and the table land next to the JSON.
+Defaults are the NAS issue's budget: 30 trials (the foundation-default reference included),
+15 minutes, evolution + ASHA on 2 CPUs. The front PNG and the table land next to the JSON
+(in ``nas/`` beside it) unless ``--out`` says otherwise.
 
-    python -m jobs.bench nas --dataset mnist-5k --json out/bench.json
+    python -m jobs.bench_nas --dataset mnist-5k --json out/bench.json
+    dynray bench nas --json out/bench.json --nas-trials 12      (--nas-X is accepted for every --X)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
-from dynray.bench import merge_section
-from dynray.nas import run_search
+import tyro
+
+from dynray.bench import BenchResult, BenchTarget, check_bench_file, merge_section
 from dynray.bench.nas import format_table
+from dynray.flags import guarded, parse, setup_logging
+from dynray.nas import run_search
 from dynray.registry import ModelRegistry
 from jobs._ray import connect
-from jobs.nas import add_nas_args, config_from_args
+from jobs.nas import SearchFlags
 
-log = logging.getLogger(__name__)
-
-
-def add_bench_nas_args(p) -> None:
-    add_nas_args(p, prefix="nas-")
+__all__ = ["Config", "run", "parse_args", "main", "unprefix", "NAS_PREFIX"]
+NAS_PREFIX = "--nas-"
+"""The bench's historical spelling of the search flags (``--nas-trials`` = ``--trials``)."""
 
 
-def run(a: argparse.Namespace) -> dict:
-    cfg = config_from_args(a, prefix="nas-", dataset=a.dataset or "mnist-5k")
-    out = Path(a.nas_out) if a.nas_out != "out/nas" else Path(a.json).parent / "nas"
-    connect(num_cpus=max(2, cfg.concurrency))
-    result = run_search(cfg, ModelRegistry(), out_dir=out)
+@dataclass(frozen=True, kw_only=True)
+class Config(BenchTarget):
+    """Search architectures and merge the "nas" section."""
+
+    search: Annotated[SearchFlags, tyro.conf.OmitArgPrefixes] = field(default_factory=SearchFlags)
+    """The search budget, searcher and scheduler."""
+
+
+def run(cfg: Config) -> BenchResult:
+    check_bench_file(cfg.json)
+    nas_cfg = cfg.search.nas_config(cfg.dataset or "mnist-5k")
+    out = Path(cfg.search.out) if cfg.search.out != SearchFlags.out else Path(cfg.json).parent / "nas"
+    connect(num_cpus=max(2, nas_cfg.concurrency))
+    result = run_search(nas_cfg, ModelRegistry(), out_dir=out)
     print(format_table(result), flush=True)
     section = result.section()
-    merge_section(a.json, "nas", section)
-    return section
+    merge_section(cfg.json, "nas", section)
+    return BenchResult("nas", section, cfg.json)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from jobs.bench import add_bench_args
+def unprefix(argv: list[str]) -> list[str]:
+    """``--nas-trials 3`` -> ``--trials 3``: tyro cannot spell a nested group's flags with a dash prefix."""
+    return ["--" + a[len(NAS_PREFIX):] if a.startswith(NAS_PREFIX) else a for a in argv]
 
-    p = argparse.ArgumentParser(prog="python -m jobs.bench_nas", description=__doc__.splitlines()[0])
-    add_bench_args(p)
-    return run(p.parse_args(["nas", *(argv or [])]))
+
+def parse_args(argv: list[str] | None = None, *, prog: str = "python -m jobs.bench_nas") -> Config:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return parse(Config, unprefix(argv), prog=prog, description=__doc__)
+
+
+def main(argv: list[str] | None = None, *, prog: str = "python -m jobs.bench_nas") -> int:
+    print(run(parse_args(argv, prog=prog)).summary(), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(json.dumps(main(), indent=2, default=str))
+    setup_logging()
+    sys.exit(guarded(main, prog="python -m jobs.bench_nas"))

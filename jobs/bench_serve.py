@@ -4,43 +4,62 @@ Each system is deployed on its own (same replicas, same simulated profiles from
 ``cluster/serve.yaml``), driven by one closed-loop async HTTP load generator on loopback
 (fixed concurrency and request count; one test image per request, sent as ``array_b64``
 uint8 because JSON-parsing 784 floats costs more than the model), measured, and removed.
-A chaos run then kills one edge replica and the cloud replica under load.
+A chaos run then kills one edge replica and the cloud replica under load, and an
+autoscaling run lets the edge tier grow from one replica. Measuring and summarising is
+:mod:`dynray.bench.serve`; this job is the driver that needs a live cluster.
 
-    python -m jobs.bench_serve --dataset mnist-5k --json out.json
+    python -m jobs.bench_serve --dataset mnist-5k --json out/bench.json
+    dynray bench serve --json out/bench.json
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
+import sys
 import threading
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-from dynray.bench import merge_section
+from dynray.bench import BenchResult, BenchTarget, check_bench_file, merge_section
+from dynray.bench.serve import measure, summarise, wire_images
 from dynray.data import load_dataset
-from dynray.bench.load import LoadConfig, LoadResult, run_load_sync
-from dynray.serving.payload import encode_array
+from dynray.flags import guarded, parse, setup_logging
 from dynray.registry import ModelRegistry
 from jobs._ray import connect, free_port
 
+__all__ = ["SYSTEMS", "Config", "system_config", "run", "main"]
+
 log = logging.getLogger(__name__)
 SYSTEMS = ("noop", "dynray", "all_cloud", "edge_only")
+System = Literal["noop", "dynray", "all_cloud", "edge_only"]
 
 
-def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--requests", type=int, default=2000, help="measured requests per system")
-    p.add_argument("--concurrency", type=int, default=16, help="closed-loop concurrency")
-    p.add_argument("--warmup", type=int, default=200, help="unmeasured requests before each run")
-    p.add_argument("--light-concurrency", type=int, default=2, help="concurrency of the second, light-load run per system (latency without CPU queueing)")
-    p.add_argument("--light-requests", type=int, default=400, help="requests of the light-load run (0: skip it)")
-    p.add_argument("--chaos-requests", type=int, default=1500, help="requests in the chaos run (0: skip it)")
-    p.add_argument("--autoscale-requests", type=int, default=6000, help="requests of the autoscaling run: edge starts at 1 replica, may grow to 3 (0: skip it)")
-    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS, help="systems to measure (the ratios need all four)")
-    p.add_argument("--config", default=None, help="Serve config to take args and profiles from (default cluster/serve.yaml)")
+@dataclass(frozen=True, kw_only=True)
+class Config(BenchTarget):
+    """Measure the serving graph over HTTP against its baselines; merge the "serve" section."""
 
+    requests: int = 2000
+    """Measured requests per system."""
+    concurrency: int = 16
+    """Closed-loop concurrency."""
+    warmup: int = 200
+    """Unmeasured requests before each run."""
+    light_concurrency: int = 2
+    """Concurrency of the second, light-load run per system (latency without CPU queueing)."""
+    light_requests: int = 400
+    """Requests of the light-load run (0: skip it)."""
+    chaos_requests: int = 1500
+    """Requests in the chaos run (0: skip it)."""
+    autoscale_requests: int = 6000
+    """Requests of the autoscaling run: edge starts at 1 replica, may grow to 3 (0: skip it)."""
+    systems: tuple[System, ...] = SYSTEMS  # type: ignore[assignment]
+    """Systems to measure (the ratios need all four)."""
+    config: str | None = None
+    """Serve config to take args and profiles from (default: cluster/serve.yaml)."""
 
 
 def system_config(base: dict, system: str, ref: str, home: str, port: int, *, router: str | None = None) -> dict:
@@ -65,28 +84,7 @@ def system_config(base: dict, system: str, ref: str, home: str, port: int, *, ro
     return cfg
 
 
-def _measure(url: str, images: np.ndarray, *, requests: int, concurrency: int, warmup: int) -> LoadResult:
-    n = len(images)
-    bodies = [encode_array(images[i : i + 1], dtype="uint8") for i in range(n)]
-    cfg = LoadConfig(url=url, requests=requests, concurrency=concurrency, warmup=warmup, timeout_s=30)
-    return run_load_sync(cfg, lambda i: bodies[i % n])
-
-
-def _summarise(res: LoadResult, labels: np.ndarray, *, model: bool) -> dict:
-    s = {"rps": round(res.rps, 1), "p50_ms": round(res.p50_ms, 2), "p99_ms": round(res.p99_ms, 2), "errors": res.errors}
-    if not model:
-        return s
-    ok = [r for r in res.records if r.ok]
-    n = len(labels)
-    s["accuracy"] = round(float(np.mean([r.body["predictions"][0] == labels[r.index % n] for r in ok])), 4)
-    s["cost_per_1k"] = round(1000 * float(np.mean([r.body["cost"] for r in ok])), 2)
-    s["escalated_frac"] = round(float(np.mean([t == "cloud" for r in ok for t in r.body["tier"]])), 4)
-    s["degraded"] = sum(bool(r.body["degraded"]) for r in ok)
-    s["mean_macs"] = round(float(np.mean([r.body["macs"][0] for r in ok])), 1)
-    return s
-
-
-def _chaos(url: str, images: np.ndarray, a: argparse.Namespace, app: str) -> dict:
+def _chaos(url: str, images: np.ndarray, cfg: Config, app: str) -> dict:
     import ray
 
     from actors.serve_apps import app_status
@@ -100,7 +98,7 @@ def _chaos(url: str, images: np.ndarray, a: argparse.Namespace, app: str) -> dic
 
     n_edge, n_cloud = len(replicas("Edge")), len(replicas("Cloud"))
     out: dict = {}
-    t = threading.Thread(target=lambda: out.setdefault("res", _measure(url, images, requests=a.chaos_requests, concurrency=min(a.concurrency, 8), warmup=0)))
+    t = threading.Thread(target=lambda: out.setdefault("res", measure(url, images, requests=cfg.chaos_requests, concurrency=min(cfg.concurrency, 8), warmup=0)))
     t.start()
     time.sleep(1.0)
     recovery = []
@@ -113,10 +111,10 @@ def _chaos(url: str, images: np.ndarray, a: argparse.Namespace, app: str) -> dic
         recovery.append(round(time.monotonic() - killed, 2))
         log.info("killed one %s replica: back to %d running after %.1f s", dep, n, recovery[-1])
     t.join(timeout=600)
-    res: LoadResult = out["res"]
+    res = out["res"]
     ok = [r for r in res.records if r.ok]
     return {
-        "requests": a.chaos_requests,
+        "requests": cfg.chaos_requests,
         "answered": len(ok),
         "degraded": sum(bool(r.body["degraded"]) for r in ok),
         "errors": res.errors,
@@ -126,17 +124,17 @@ def _chaos(url: str, images: np.ndarray, a: argparse.Namespace, app: str) -> dic
     }
 
 
-def _autoscale(base: dict, ref: str, home: str, port: int, images: np.ndarray, a: argparse.Namespace) -> dict:
+def _autoscale(base: dict, ref: str, home: str, port: int, images: np.ndarray, cfg: Config) -> dict:
     """Edge tier from 1 replica (max 3, target 1 ongoing request each) under concurrency 24: when does Serve add replicas?
 
     The ingress coalesces concurrent requests, so an edge replica sees few, large calls:
     the target is per call, hence 1."""
     from actors.serve_apps import app_status, deploy
 
-    cfg = system_config(base, "dynray", ref, home, port)
-    args = cfg["applications"][0]["args"]
+    app_cfg = system_config(base, "dynray", ref, home, port)
+    args = app_cfg["applications"][0]["args"]
     args["edge"] = {**args["edge"], "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1}
-    deploy(cfg, timeout_s=180)
+    deploy(app_cfg, timeout_s=180)
     timeline: list[tuple[float, int]] = []
     t0 = time.monotonic()
     done = threading.Event()
@@ -149,50 +147,51 @@ def _autoscale(base: dict, ref: str, home: str, port: int, images: np.ndarray, a
     w = threading.Thread(target=watch)
     w.start()
     try:
-        res = _measure(f"http://127.0.0.1:{port}/dynray/v1/predict", images, requests=a.autoscale_requests, concurrency=24, warmup=0)
+        res = measure(f"http://127.0.0.1:{port}/dynray/v1/predict", images, requests=cfg.autoscale_requests, concurrency=24, warmup=0)
     finally:
         done.set()
         w.join()
     start = timeline[0][1]
     peak = max(n for _, n in timeline)
     first_up = next((t for t, n in timeline if n > start), None)
-    return {"tier": "edge", "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1, "concurrency": 24, "requests": a.autoscale_requests,
+    return {"tier": "edge", "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1, "concurrency": 24, "requests": cfg.autoscale_requests,
             "replicas_start": start, "replicas_peak": peak, "seconds_to_first_scale_up": first_up, "errors": res.errors, "run_s": round(res.wall_s, 1),
             "timeline": timeline[::4]}
 
 
-def run(a: argparse.Namespace) -> dict:
+def run(cfg: Config) -> BenchResult:
     from ray import serve
 
     from actors import serve_apps as D
 
+    check_bench_file(cfg.json)  # a file that could not be merged into is refused before the run
     reg = ModelRegistry()
-    info = reg.resolve(a.model)
-    test = load_dataset(a.dataset or info.meta["dataset"], "test")
-    images = np.clip(np.rint(test.images.numpy() * 255), 0, 255).astype(np.uint8) / 255.0  # what the uint8 wire form carries
+    info = reg.resolve(cfg.model)
+    test = load_dataset(cfg.dataset or info.meta["dataset"], "test")
+    images = wire_images(test)
     labels = test.labels.numpy()
     connect(log_to_driver=False)  # forwarding every replica's log lines costs CPU the measurement needs
-    base = D.load_config(a.config) if a.config else D.load_config()
+    base = D.load_config(cfg.config) if cfg.config else D.load_config()
     port = free_port()
     systems: dict[str, dict] = {}
     try:
-        for system in a.systems:
-            cfg = system_config(base, system, info.ref, str(reg.home.resolve()), port)
+        for system in cfg.systems:
+            app_cfg = system_config(base, system, info.ref, str(reg.home.resolve()), port)
             log.info("deploying %s …", system)
-            D.deploy(cfg, timeout_s=180)
+            D.deploy(app_cfg, timeout_s=180)
             url = f"http://127.0.0.1:{port}/{system}/v1/predict"
-            res = _measure(url, images, requests=a.requests, concurrency=a.concurrency, warmup=a.warmup)
-            systems[system] = _summarise(res, labels, model=system != "noop")
-            if a.light_requests:  # the same system far from saturation: latency of the path itself
-                light = _measure(url, images, requests=a.light_requests, concurrency=a.light_concurrency, warmup=20)
-                systems[system]["light"] = {"concurrency": a.light_concurrency, **{k: v for k, v in _summarise(light, labels, model=False).items()}}
+            res = measure(url, images, requests=cfg.requests, concurrency=cfg.concurrency, warmup=cfg.warmup)
+            systems[system] = summarise(res, labels, model=system != "noop")
+            if cfg.light_requests:  # the same system far from saturation: latency of the path itself
+                light = measure(url, images, requests=cfg.light_requests, concurrency=cfg.light_concurrency, warmup=20)
+                systems[system]["light"] = {"concurrency": cfg.light_concurrency, **{k: v for k, v in summarise(light, labels, model=False).items()}}
             log.info("%s: %s", system, systems[system])
-            if system == "dynray" and a.chaos_requests:
-                chaos = _chaos(f"http://127.0.0.1:{port}/{system}/v1/predict", images, a, system)
+            if system == "dynray" and cfg.chaos_requests:
+                chaos = _chaos(f"http://127.0.0.1:{port}/{system}/v1/predict", images, cfg, system)
                 log.info("chaos: %s", chaos)
             serve.delete(system)
-        if a.autoscale_requests:
-            autoscale = _autoscale(base, info.ref, str(reg.home.resolve()), port, images, a)
+        if cfg.autoscale_requests:
+            autoscale = _autoscale(base, info.ref, str(reg.home.resolve()), port, images, cfg)
             log.info("autoscale: %s", {k: v for k, v in autoscale.items() if k != "timeline"})
             serve.delete("dynray")
     finally:
@@ -201,13 +200,13 @@ def run(a: argparse.Namespace) -> dict:
     section = {
         "model": info.ref,
         "dataset": test.name,
-        "requests": a.requests,
-        "concurrency": a.concurrency,
+        "requests": cfg.requests,
+        "concurrency": cfg.concurrency,
         "payload": "array_b64 uint8, 1 image per request, closed loop on loopback (aiohttp)",
         "profiles": {t: base["applications"][0]["args"][t].get("profile") for t in ("edge", "cloud")},
         "systems": systems,
-        "chaos": chaos if a.chaos_requests else None,
-        "autoscale": autoscale if a.autoscale_requests else None,
+        "chaos": chaos if cfg.chaos_requests else None,
+        "autoscale": autoscale if cfg.autoscale_requests else None,
         "ratios": {
             "accuracy_gap_pt": round(100 * (c["accuracy"] - d["accuracy"]), 2),
             "cost_vs_all_cloud": round(d["cost_per_1k"] / c["cost_per_1k"], 4),
@@ -216,22 +215,16 @@ def run(a: argparse.Namespace) -> dict:
             "rps_vs_noop": round(d["rps"] / noop["rps"], 4),
         } if d and c and noop else {},
     }
-    merge_section(a.json, "serve", section)
-    return section
+    merge_section(cfg.json, "serve", section)
+    return BenchResult("serve", section, cfg.json)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from jobs.bench import add_bench_args
-
-    p = argparse.ArgumentParser(prog="python -m jobs.bench_serve", description=__doc__.splitlines()[0])
-    add_bench_args(p)
-    add_bench_serve_args(p)
-    return run(p.parse_args(["serve", *(argv or [])]))
+def main(argv: list[str] | None = None, *, prog: str = "python -m jobs.bench_serve") -> int:
+    cfg = parse(Config, argv, prog=prog, description=__doc__)
+    print(run(cfg).summary(), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    import json
-    import sys
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(json.dumps(main(sys.argv[1:]), indent=2))
+    setup_logging()
+    sys.exit(guarded(main, prog="python -m jobs.bench_serve"))

@@ -1,42 +1,78 @@
-"""Ray job: calibrate a registered model's thresholds on its validation split.
+"""Ray job: calibrate a registered model's thresholds on its validation split (registers a child version).
 
     python -m jobs.calibrate --model production --max-drop 0.005
+    python -m jobs.calibrate --model dynnet-mnist-5k:v1 --macs-budget 150000 --promote production
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
+import sys
+from dataclasses import dataclass
+from typing import Literal
 
+from dynray.errors import ConfigError
+from dynray.flags import guarded, parse, setup_logging
 from dynray.pipeline import calibrate_and_register
 from dynray.registry import ModelRegistry
 from dynray.thresholds import CalibrationTarget
 
-
-def add_calibrate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model ref (name, name:vN, production, staging; default: production, else newest)")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--max-drop", type=float, help="largest allowed accuracy drop vs the last exit on val, e.g. 0.005")
-    g.add_argument("--macs-budget", type=float, help="largest allowed mean MACs per sample on val")
-    p.add_argument("--promote", choices=["staging", "production"], default=None, help="promote the calibrated version")
+__all__ = ["Config", "Result", "run", "main"]
 
 
-def run(a: argparse.Namespace) -> dict:
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Calibrate thresholds on val to one target: an accuracy drop or a MAC budget."""
+
+    model: str | None = None
+    """Model ref (name, name:vN, production, staging); default: production, else the newest."""
+    max_drop: float | None = None
+    """Largest allowed accuracy drop vs the last exit on val, e.g. 0.005 (give this or --macs-budget)."""
+    macs_budget: float | None = None
+    """Largest allowed mean MACs per sample on val (give this or --max-drop)."""
+    promote: Literal["staging", "production"] | None = None
+    """Promote the calibrated version to this stage."""
+
+    def __post_init__(self) -> None:
+        if (self.max_drop is None) == (self.macs_budget is None):
+            raise ConfigError("give exactly one calibration target", got={"max_drop": self.max_drop, "macs_budget": self.macs_budget}, fix="pass --max-drop 0.005 or --macs-budget 150000")
+
+    def target(self) -> CalibrationTarget:
+        return CalibrationTarget(max_drop=self.max_drop, macs_budget=self.macs_budget)
+
+
+@dataclass(frozen=True)
+class Result:
+    model: str
+    """The calibrated child version."""
+    rule: dict
+    """The calibrated stop rule (ThresholdRule.to_dict())."""
+    calibration: dict
+    """What calibration measured on val."""
+
+    def summary(self) -> str:
+        c, r = self.calibration, self.rule
+        lines = [
+            f"registered {self.model}: thresholds {[round(t, 4) for t in r['thresholds']]} ({r['confidence']}, complexity weight {r['complexity_weight']}, agreement bonus {r['agreement_bonus']})",
+            f"  val accuracy {c['val_accuracy']:.4f} vs last exit {c['val_reference_accuracy']:.4f}; {c['val_macs_saving']:.2f}x fewer MACs; exits {[round(f, 3) for f in c['val_exit_fractions']]}",
+        ]
+        lines += [f"  exit {s['exit'] + 1}: tau {s['threshold']:.4f}  d(acc)/d(tau) {s['d_accuracy_d_threshold']:+.4f}  d(MACs)/d(tau) {s['d_macs_d_threshold']:+,.0f}" for s in c["sensitivity"]]
+        return "\n".join(lines)
+
+
+def run(cfg: Config) -> Result:
     registry = ModelRegistry()
-    info, res = calibrate_and_register(registry, a.model, CalibrationTarget(max_drop=a.max_drop, macs_budget=a.macs_budget))
-    if a.promote:
-        info = registry.promote(info.ref, a.promote)
-    return {"model": info.ref, "rule": res.rule.to_dict(), "calibration": info.meta["calibration"]}
+    info, res = calibrate_and_register(registry, cfg.model, cfg.target())
+    if cfg.promote:
+        info = registry.promote(info.ref, cfg.promote)
+    return Result(model=info.ref, rule=res.rule.to_dict(), calibration=info.meta["calibration"])
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m jobs.calibrate", description=__doc__.splitlines()[0])
-    add_calibrate_args(p)
-    return run(p.parse_args(argv))
+def main(argv: list[str] | None = None, *, prog: str = "python -m jobs.calibrate") -> int:
+    cfg = parse(Config, argv, prog=prog, description=__doc__)
+    print(run(cfg).summary(), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    r = main()
-    c = r["calibration"]
-    print(f"registered {r['model']}: val accuracy {c['val_accuracy']:.4f} (last exit {c['val_reference_accuracy']:.4f}), {c['val_macs_saving']:.2f}x fewer MACs")
+    setup_logging()
+    sys.exit(guarded(main, prog="python -m jobs.calibrate"))

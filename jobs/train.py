@@ -1,104 +1,148 @@
 """Ray job: train a DynamicNet with Ray Train and register it.
 
     python -m jobs.train --dataset mnist-5k --epochs 20 --workers 2
-    ray job submit --working-dir . -- python -m jobs.train --dataset mnist-5k
+    dynray submit train -- --dataset mnist-5k
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Literal
+
+import tyro
 
 from dynray.data import load_dataset
 from dynray.finetune import FinetuneConfig
-from dynray.store import load_model
+from dynray.flags import guarded, parse, setup_logging
+from dynray.models.config import DynamicNetConfig
+from dynray.models.defaults import model_config_for
+from dynray.models.moe import MoEConfig
 from dynray.pipeline import train_and_register
 from dynray.registry import ModelRegistry
-from dynray.models.config import DynamicNetConfig
-from dynray.models.moe import MoEConfig
-from dynray.models.defaults import ARCHS, model_config_for
+from dynray.store import load_model
 from dynray.training import TrainConfig
 from jobs._ray import connect
 
+__all__ = ["MoEFlags", "Config", "Result", "run", "main", "default_name"]
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    p.add_argument("--dataset", default=d.dataset, help="dataset name (default: %(default)s)")
-    p.add_argument("--arch", default="dense", choices=ARCHS, help="dense DynamicNet, moe (last stage ends in an MoE block), or moe-dense (its dense twin at equal active MACs)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per-worker batch (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
-    p.add_argument("--distill", type=float, default=d.distill_alpha, help="self-distillation share (default: %(default)s)")
-    p.add_argument("--schedule", default=d.schedule, choices=["linear", "cosine", "exponential"], help="annealing schedule")
-    p.add_argument("--no-augment", action="store_true", help="disable random affine augmentation")
-    p.add_argument("--name", default=None, help="registry name (default: dynnet-DATASET, moe-DATASET or moe-DATASET-dense)")
-    m = model_config_for("mnist-5k", "moe").moe
-    assert m is not None
-    g = p.add_argument_group("mixture of experts (--arch moe)")
-    g.add_argument("--experts", type=int, default=m.num_experts, help="routed experts per MoE block (default: %(default)s)")
-    g.add_argument("--top-k", type=int, default=m.top_k, help="routed experts per sample (default: %(default)s)")
-    g.add_argument("--gate", default=m.gate, choices=["noisy_topk", "switch", "gshard"], help="gating (default: %(default)s)")
-    g.add_argument("--shared-experts", type=int, default=m.shared_experts, help="always-on experts beside the routed ones (default: %(default)s)")
-    g.add_argument("--groups", type=int, default=m.groups, help="expert groups; > 1 = hierarchical MoE (default: %(default)s)")
-    g.add_argument("--capacity-factor", type=float, default=m.capacity_factor_train, help="expert capacity in training, x a uniform share (default: %(default)s)")
-    g.add_argument("--eval-capacity-factor", type=float, default=m.capacity_factor_eval, help="expert capacity at evaluation and serving (default: %(default)s)")
-    g.add_argument("--moe-stages", type=int, nargs="+", default=None, help="0-based stages that get an MoE block (default: the last)")
+_T = TrainConfig  # defaults come from the library's configs: one source for each value
+_M: MoEConfig = model_config_for("mnist-5k", "moe").moe  # type: ignore[assignment]  # the --arch moe default
 
 
-def _model_config(a: argparse.Namespace) -> DynamicNetConfig:
-    arch = getattr(a, "arch", "dense")
-    if arch == "dense":
-        return model_config_for(a.dataset, "dense")
-    cfg = model_config_for(a.dataset, "moe")
-    assert cfg.moe is not None
-    moe = replace(
-        cfg.moe, num_experts=a.experts, top_k=a.top_k, gate=a.gate, groups=a.groups, shared_experts=a.shared_experts,
-        capacity_factor_train=a.capacity_factor, capacity_factor_eval=a.eval_capacity_factor,
-    )
-    if a.moe_stages:  # explicit stages keep the dense layer counts
-        cfg = replace(cfg, layers=model_config_for(a.dataset, "dense").layers)
-        moe = replace(moe, stages=tuple(a.moe_stages))
-    return replace(cfg, moe=moe.dense_equivalent() if arch == "moe-dense" else moe)
+@dataclass(frozen=True, kw_only=True)
+class MoEFlags:
+    """Mixture of experts (with --arch moe)."""
+
+    experts: int = _M.num_experts
+    """Routed experts per MoE block."""
+    top_k: int = _M.top_k
+    """Routed experts per sample."""
+    gate: Literal["noisy_topk", "switch", "gshard"] = _M.gate  # type: ignore[assignment]
+    """Gating."""
+    shared_experts: int = _M.shared_experts
+    """Always-on experts beside the routed ones."""
+    groups: int = _M.groups
+    """Expert groups; > 1 = hierarchical MoE."""
+    capacity_factor: float = _M.capacity_factor_train
+    """Expert capacity in training, times a uniform share."""
+    eval_capacity_factor: float = _M.capacity_factor_eval
+    """Expert capacity at evaluation and serving."""
+    moe_stages: tuple[int, ...] | None = None
+    """0-based stages that get an MoE block (default: the last)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Train a DynamicNet with Ray Train and register it."""
+
+    dataset: str = _T.dataset
+    """Dataset name."""
+    arch: Literal["dense", "moe", "moe-dense"] = "dense"
+    """dense DynamicNet, moe (last stage ends in an MoE block), or moe-dense (its dense twin at equal active MACs)."""
+    epochs: int = _T.epochs
+    """Passes over the training split."""
+    workers: int = _T.workers
+    """Ray Train workers (data-parallel replicas, 1 CPU each)."""
+    batch_size: int = _T.batch_size
+    """Samples per worker per step."""
+    lr: float = _T.lr
+    """Peak learning rate."""
+    seed: int = _T.seed
+    """Seeds the model init, the data order and the augmentation."""
+    distill: float = _T.distill_alpha
+    """Self-distillation share of the early exits' loss (0 disables it)."""
+    schedule: Literal["linear", "cosine", "exponential"] = "cosine"
+    """Annealing schedule of the exit loss weights and the monitoring threshold."""
+    augment: bool = _T.augment
+    """Random affine augmentation (--no-augment disables it)."""
+    name: str | None = None
+    """Registry name (default: dynnet-DATASET, moe-DATASET or moe-DATASET-dense)."""
+    moe: Annotated[MoEFlags, tyro.conf.OmitArgPrefixes] = field(default_factory=MoEFlags)
+    """Mixture of experts (with --arch moe)."""
+
+    def model_config(self) -> DynamicNetConfig:
+        """The model to train: the architecture family's default, with the MoE flags applied."""
+        if self.arch == "dense":
+            return model_config_for(self.dataset, "dense")
+        cfg = model_config_for(self.dataset, "moe")
+        assert cfg.moe is not None
+        f = self.moe
+        moe = replace(cfg.moe, num_experts=f.experts, top_k=f.top_k, gate=f.gate, groups=f.groups, shared_experts=f.shared_experts,
+                      capacity_factor_train=f.capacity_factor, capacity_factor_eval=f.eval_capacity_factor)
+        if f.moe_stages:  # explicit stages keep the dense layer counts
+            cfg = replace(cfg, layers=model_config_for(self.dataset, "dense").layers)
+            moe = replace(moe, stages=tuple(f.moe_stages))
+        return replace(cfg, moe=moe.dense_equivalent() if self.arch == "moe-dense" else moe)
+
+    def train_config(self, finetune: FinetuneConfig | None = None) -> TrainConfig:
+        """The library's TrainConfig (validated there: errors name the fix)."""
+        return TrainConfig(dataset=self.dataset, model=self.model_config(), epochs=self.epochs, workers=self.workers, batch_size=self.batch_size,
+                           lr=self.lr, seed=self.seed, distill_alpha=self.distill, schedule=self.schedule, augment=self.augment, finetune=finetune)
+
+
+@dataclass(frozen=True)
+class Result:
+    model: str
+    """The registered ref, name:vN."""
+    metrics: dict
+    """Validation metrics recorded with the model."""
+    seconds: float
+    """Training wall-clock time."""
+    parent: str | None = None
+    """The model it was fine-tuned from, if any."""
+
+    def summary(self) -> str:
+        start = f" (fine-tuned from {self.parent})" if self.parent else ""
+        return f"registered {self.model}{start}: val accuracy per exit {[round(a, 4) for a in self.metrics['val_exit_accuracy']]} in {self.seconds:.0f}s"
 
 
 def default_name(dataset: str, arch: str) -> str:
     return {"dense": f"dynnet-{dataset}", "moe": f"moe-{dataset}", "moe-dense": f"moe-{dataset}-dense"}[arch]
 
 
-def config_from_args(a: argparse.Namespace, finetune: FinetuneConfig | None = None) -> TrainConfig:
-    return TrainConfig(
-        dataset=a.dataset, model=_model_config(a), epochs=a.epochs, workers=a.workers, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-        distill_alpha=a.distill, schedule=a.schedule, augment=not a.no_augment, finetune=finetune,
-    )
-
-
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
-    add_train_args(p)
-    return run(p.parse_args(argv))
-
-
-def run(a: argparse.Namespace, *, finetune: FinetuneConfig | None = None, init_ref: str | None = None) -> dict:
-    cfg = config_from_args(a, finetune)
+def run(cfg: Config, *, finetune: FinetuneConfig | None = None, init_ref: str | None = None) -> Result:
+    """Train (or fine-tune ``init_ref``) on the connected Ray and register the model."""
+    tcfg = cfg.train_config(finetune)  # bad input fails here, before Ray starts
     registry = ModelRegistry()
     init_state = parent = None
     if init_ref is not None:  # fine-tuning starts from a registered model
         stored = load_model(registry, init_ref)
         init_state, parent = stored.model.state_dict(), stored.info.ref
-        cfg = TrainConfig(**{**cfg.__dict__, "model": stored.model.cfg})
-    val = load_dataset(cfg.dataset, "val", root=cfg.data_root)  # missing files: one clear error before Ray starts
-    connect(num_cpus=max(2, cfg.workers))
-    name = a.name or (None if init_ref else default_name(cfg.dataset, getattr(a, "arch", "dense")))
-    info, outcome = train_and_register(cfg, registry, name=name, parent=parent, init_state=init_state, val=val)
-    return {"model": info.ref, "metrics": info.meta["metrics"], "seconds": outcome.seconds}
+        tcfg = replace(tcfg, model=stored.model.cfg)
+    val = load_dataset(tcfg.dataset, "val", root=tcfg.data_root)  # missing files: one clear error before Ray starts
+    connect(num_cpus=max(2, tcfg.workers))
+    name = cfg.name or (None if init_ref else default_name(tcfg.dataset, cfg.arch))
+    info, outcome = train_and_register(tcfg, registry, name=name, parent=parent, init_state=init_state, val=val)
+    return Result(model=info.ref, metrics=info.meta["metrics"], seconds=outcome.seconds, parent=parent)
+
+
+def main(argv: list[str] | None = None, *, prog: str = "python -m jobs.train") -> int:
+    cfg = parse(Config, argv, prog=prog, description=__doc__)
+    print(run(cfg).summary(), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    r = main()
-    print(f"registered {r['model']}: val accuracy per exit {[round(a, 4) for a in r['metrics']['val_exit_accuracy']]} ({r['seconds']:.0f}s)")
-    sys.exit(0)
+    setup_logging()
+    sys.exit(guarded(main, prog="python -m jobs.train"))

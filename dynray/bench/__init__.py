@@ -22,7 +22,7 @@ from pathlib import Path
 from dynray.errors import ConfigError
 from dynray.fileio import locked, write_atomic
 
-__all__ = ["SECTIONS", "BUILT_SECTIONS", "BenchTarget", "check_bench_file", "merge_section"]
+__all__ = ["SECTIONS", "BUILT_SECTIONS", "BenchTarget", "BenchResult", "check_bench_file", "merge_section"]
 
 SECTIONS = ("core", "serve", "router", "moe", "nas", "security", "compress", "gan", "federated")
 """Every section of the bench JSON contract (DESIGN.md §4); later issues build the rest."""
@@ -42,6 +42,23 @@ class BenchTarget:
     """Dataset to measure on; default: the model's own."""
     plot: str | None = None
     """PNG path of the section's plot; default: next to the JSON file."""
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """One measured section, as merged into the bench JSON file."""
+
+    section: str
+    """Section name (a key of the bench JSON)."""
+    data: dict
+    """The section's measurements."""
+    json: str
+    """The file it was merged into."""
+
+    def summary(self) -> str:
+        from dynray.bench.report import format_section
+
+        return f"wrote section '{self.section}' to {self.json}\n" + format_section(self.section, self.data)
 
 
 def _read(path: Path) -> dict:

@@ -4,6 +4,7 @@ register the best configs and write the table, the plot and the JSON summary."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 from safetensors.torch import load_file
 
 from dynray.errors import ConfigError
+from dynray.fileio import write_atomic
 from dynray.models import build
 from dynray.nas.pareto import pareto_front, plot_front
 from dynray.nas.predictor import Observation, heldout_spearman
@@ -134,11 +136,11 @@ def _register(records: list[TrialRecord], front: list[int], cfg: NASConfig, regi
 def write_table(records: list[TrialRecord], path: Path) -> Path:
     """The results table: one CSV row per trial."""
     rows = [t.row() for t in records]
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["trial"])
+    w.writeheader()
+    w.writerows(rows)
+    return write_atomic(path, buf.getvalue())
 
 
 def format_table(result: NASResult) -> str:
@@ -192,6 +194,6 @@ def summarise(cfg: NASConfig, grid: Any, stopped: set[str], minutes: float, regi
         title=f"{cfg.searcher} search on {cfg.dataset}: {len(records)} trials, {minutes:.1f} min",
     ))
     result = NASResult(config=cfg, trials=records, front=front, minutes=minutes, asha_stopped_frac=asha_frac, predictor=pred, registered=registered, dominance=dominance, files=files)
-    (out_dir / "nas_result.json").write_text(json.dumps(result.section(), indent=2, default=str))
+    write_atomic(out_dir / "nas_result.json", json.dumps(result.section(), indent=2, default=str))
     files["json"] = str(out_dir / "nas_result.json")
     return result

@@ -2,15 +2,18 @@
 
 Inference walks the stages with **batch compaction**: after each exit the stop rule picks
 the samples that are done, their logits are written out, and only the remaining samples
-enter the next stage, so the compute really shrinks with the number of easy inputs.
+enter the next stage, so the compute really shrinks with the number of easy inputs. One
+loop does this, :meth:`DynamicNet.forward_range`, for any stage range: the whole model
+(:meth:`DynamicNet.forward_exits`) or the part one device hosts (``serving.partition``).
 
-Shape legend: B batch, b running (compacted) batch, C classes, F complexity features,
-K exits.
+Shape legend: B batch (entering a stage range), b running (compacted) batch, d answered
+at one exit, r still running past a range, C classes, F complexity features, K exits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 from typing import Protocol
 
 import torch
@@ -23,7 +26,7 @@ from dynray.models.config import DynamicNetConfig
 from dynray.models.macs import MacProfile, module_macs
 from dynray.models.moe import ExpertRunner, MoEBlock, MoEOutput
 
-__all__ = ["DynamicNet", "ExitOutput", "StopRule", "StopAtExit"]
+__all__ = ["Continuation", "DynamicNet", "ExitOutput", "RangeOutput", "StopRule", "StopAtExit"]
 
 
 class StopRule(Protocol):
@@ -59,6 +62,35 @@ class ExitOutput:
     macs: torch.Tensor  # [B] int64 MACs spent on each sample
     stage_batch: tuple[int, ...]  # samples that entered each stage (compaction trace)
     rerouted: torch.Tensor | None = None  # [B] bool: an MoE expert failed and another answered (None: no MoE stage)
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """The samples still running past a stage range: what the next stage needs to resume."""
+
+    positions: torch.Tensor  # [r] int64 positions in the batch that entered the range
+    h: torch.Tensor  # [r, ...] activations after the range's last stage
+    complexity: torch.Tensor  # [r, F] the rule's complexity features ([r, 0] if it reads none)
+    prev_pred: torch.Tensor  # [r] int64 argmax of the range's last exit
+    logits: torch.Tensor  # [r, C] logits of the range's last exit (the deepest evaluated)
+
+
+@dataclass(frozen=True)
+class RangeOutput:
+    """Result of :meth:`DynamicNet.forward_range` over stages ``[start, stop)``.
+
+    Positions index the batch that entered the range. The answered samples come in one
+    group per exit that answered some, in stage order.
+    """
+
+    done: tuple[torch.Tensor, ...]  # per answering exit: [d_k] int64 positions
+    done_logits: tuple[torch.Tensor, ...]  # per answering exit: [d_k, C] its logits
+    done_exit: tuple[int, ...]  # per answering exit: its global index k
+    exit_index: torch.Tensor  # [B] int64 exit each sample left at (stop-1 for the continuing ones)
+    macs: torch.Tensor  # [B] int64 MACs spent on each sample in the range
+    stage_batch: tuple[int, ...]  # samples that entered each stage of the range (compaction trace)
+    rerouted: torch.Tensor | None  # [B] bool: an MoE expert failed and another answered (None: no MoE stage in the range)
+    cont: Continuation | None  # the samples still running past stop (None: every sample was answered)
 
 
 class DynamicNet(nn.Module):
@@ -157,46 +189,99 @@ class DynamicNet(nn.Module):
 
     @torch.no_grad()
     def forward_exits(self, x: torch.Tensor, stop_rule: StopRule) -> ExitOutput:
-        """Adaptive inference with batch compaction. x: [B, *input_shape] in [0, 1]."""
+        """Adaptive inference with batch compaction. x: [B, *input_shape] in [0, 1].
+
+        The whole model is the stage range [0, K): run it, then scatter the answers of each
+        exit back to the samples' positions.
+        """
         x = self.validate_input(x)
         self._reset_moe()
         n = x.shape[0]
-        logits_out = x.new_empty(n, self.cfg.num_classes)  # [B, C]
-        exit_out = torch.full((n,), self.num_exits - 1, dtype=torch.int64)  # [B]
-        b_idx = torch.arange(n)  # [b] original positions of the running samples
         # complexity features only when the rule reads them (a rule may declare it does not)
         uses_cx = getattr(stop_rule, "uses_complexity", True)
-        b_cx = self.complexity(x) if uses_cx else x.new_zeros(n, 0)  # [b, F]
-        h = x
-        b_prev: torch.Tensor | None = None  # [b] previous exit's prediction
+        cx = self.complexity(x) if uses_cx else x.new_zeros(n, 0)  # [B, F]
+        r = self.forward_range(x, 0, self.num_exits, stop_rule, cx)
+        if len(r.done) == 1:  # one exit answered the whole batch, in batch order
+            logits = r.done_logits[0]  # [B, C]
+        else:
+            logits = x.new_empty(n, self.cfg.num_classes)  # [B, C]
+            for d_idx, d_logits in zip(r.done, r.done_logits, strict=True):
+                logits.index_copy_(0, d_idx, d_logits)
+        return ExitOutput(logits=logits, exit_index=r.exit_index, macs=r.macs, stage_batch=r.stage_batch, rerouted=r.rerouted)
+
+    @torch.no_grad()
+    def forward_range(self, h: torch.Tensor, start: int, stop: int, stop_rule: StopRule, complexity: torch.Tensor, prev_pred: torch.Tensor | None = None) -> RangeOutput:
+        """Run stages ``start..stop-1`` with their exits and batch compaction.
+
+        This is the one compaction loop: :meth:`forward_exits` runs the range [0, K), a
+        device (``dynray.serving.partition.run_stages``) runs the range it hosts.
+        h: [B, ...] input of stage ``start`` (validated images at stage 0, else activations);
+        complexity: [B, F] features for the rule ([B, 0] if it reads none); prev_pred: [B]
+        int64 argmax of exit ``start - 1`` (None at exit 0). After each exit the rule picks
+        the samples that leave, and only the others enter the next stage; the last exit of
+        the model always stops, without asking the rule. Positions in the output index the
+        batch that entered the range.
+        """
+        n, last = h.shape[0], self.num_exits - 1
+        assert 0 <= start < stop <= self.num_exits, (start, stop)
+        b_idx = torch.arange(n)  # [b] positions of the running samples
+        b_cx, b_prev = complexity, prev_pred  # [b, F], [b]
+        # the deepest exit each sample reached: the one it left at, stop-1 if it runs on
+        exit_index = torch.full((n,), stop - 1, dtype=torch.int64)  # [B]
+        moe = any(start <= k < stop for k in self.moe_by_stage)
+        macs_delta = torch.zeros(n, dtype=torch.int64) if moe else None  # [B] MoE corrections to the static profile
+        rerouted = torch.zeros(n, dtype=torch.bool) if moe else None  # [B]
+        done: list[torch.Tensor] = []  # per answering exit: [d_k] positions
+        done_logits: list[torch.Tensor] = []  # per answering exit: [d_k, C]
+        done_exit: list[int] = []
         seen: list[int] = []
-        last = self.num_exits - 1
-        macs_delta = torch.zeros(n, dtype=torch.int64)  # [B] MoE corrections to the static profile
-        rerouted = torch.zeros(n, dtype=torch.bool) if self.moe_by_stage else None
-        for k, (stage, head) in enumerate(zip(self.stages, self.exits, strict=True)):
-            seen.append(h.shape[0])
+        running = True
+        for k, (stage, head) in enumerate(islice(zip(self.stages, self.exits, strict=True), start, stop), start):
+            b = h.shape[0]
+            seen.append(b)
             h = stage(h)
-            if (extra := self.moe_extras(k, h.shape[0])) is not None:
-                macs_delta.index_add_(0, b_idx, extra[0])
+            if moe and (extra := self.moe_extras(k, b)) is not None:  # MoE: only the experts that ran
+                macs_delta.index_add_(0, b_idx, extra[0])  # type: ignore[union-attr]
                 rerouted[b_idx] |= extra[1]  # type: ignore[index]
             b_logits = head(h)  # [b, C]
-            if k == last:
-                logits_out[b_idx] = b_logits
+            if k == last:  # the last exit always stops
+                done.append(b_idx)
+                done_logits.append(b_logits)
+                done_exit.append(k)
+                running = False
                 break
-            stop = stop_rule.stop(k, b_logits, b_cx, b_prev)  # [b] bool
+            b_stop = stop_rule.stop(k, b_logits, b_cx, b_prev)  # [b] bool
             b_prev = b_logits.argmax(dim=1)  # [b] for the next exit's agreement check
-            stop_idx = stop.nonzero().squeeze(1)  # integer indices: index_select beats bool masks
-            if stop_idx.numel():
-                done = b_idx.index_select(0, stop_idx)
-                logits_out.index_copy_(0, done, b_logits.index_select(0, stop_idx))
-                exit_out.index_fill_(0, done, k)
-                keep_idx = (~stop).nonzero().squeeze(1)
-                if not keep_idx.numel():
-                    break
+            stop_idx = b_stop.nonzero().squeeze(1)  # integer indices: index_select beats bool masks
+            n_stop = stop_idx.numel()
+            if n_stop == b:  # everyone still running leaves here (also an empty batch)
+                done.append(b_idx)
+                done_logits.append(b_logits)
+                done_exit.append(k)
+                if k != stop - 1:
+                    exit_index.index_fill_(0, b_idx, k)
+                running = False
+                break
+            if n_stop:
+                d_idx = b_idx.index_select(0, stop_idx)  # [d]
+                done.append(d_idx)
+                done_logits.append(b_logits.index_select(0, stop_idx))
+                done_exit.append(k)
+                if k != stop - 1:
+                    exit_index.index_fill_(0, d_idx, k)
+                keep_idx = (~b_stop).nonzero().squeeze(1)  # [b'] (non-empty: not everyone stopped)
                 # compaction: only the samples still running enter stage k+1
-                b_idx, h, b_cx = b_idx.index_select(0, keep_idx), h.index_select(0, keep_idx), b_cx.index_select(0, keep_idx)
-                b_prev = b_prev.index_select(0, keep_idx)
-        return ExitOutput(logits=logits_out, exit_index=exit_out, macs=self._cum_macs[exit_out] + macs_delta, stage_batch=tuple(seen), rerouted=rerouted)
+                b_idx, h, b_cx, b_prev = b_idx.index_select(0, keep_idx), h.index_select(0, keep_idx), b_cx.index_select(0, keep_idx), b_prev.index_select(0, keep_idx)
+                if k == stop - 1:
+                    b_logits = b_logits.index_select(0, keep_idx)
+        # static profile: stages and heads start..exit of each sample
+        macs = self._cum_macs[exit_index]  # [B]
+        if start:
+            macs = macs - self._cum_macs[start - 1]
+        if macs_delta is not None:
+            macs = macs + macs_delta
+        cont = Continuation(positions=b_idx, h=h, complexity=b_cx, prev_pred=b_prev, logits=b_logits) if running else None  # type: ignore[arg-type]
+        return RangeOutput(done=tuple(done), done_logits=tuple(done_logits), done_exit=tuple(done_exit), exit_index=exit_index, macs=macs, stage_batch=tuple(seen), rerouted=rerouted, cont=cont)
 
     @torch.no_grad()
     def forward_full(self, x: torch.Tensor) -> torch.Tensor:

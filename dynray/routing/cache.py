@@ -20,7 +20,8 @@ from dynray.evaluation import ExitRecords, collect_exit_outputs
 from dynray.registry import ModelInfo, ModelRegistry
 from dynray.store import StoredModel
 
-__all__ = ["cache_path", "write_exit_cache", "load_exit_cache"]
+__all__ = ["SPLITS", "cache_path", "write_exit_cache", "load_exit_cache", "ensure_exit_caches", "load_records"]
+SPLITS = ("train", "val", "test")
 log = logging.getLogger(__name__)
 
 
@@ -63,3 +64,24 @@ def load_exit_cache(registry: ModelRegistry, ref: str | None, split: str) -> tup
                              fix=f"rebuild them: dynray router cache --model {info.ref} --split {split}")
     t = load_file(str(path))
     return info, ExitRecords(logits=t["logits"], complexity=t["complexity"], labels=t["labels"], cum_macs=t["cum_macs"], full_macs=int(t["full_macs"][0]))
+
+
+def ensure_exit_caches(registry: ModelRegistry, ref: str | None, splits: tuple[str, ...] = SPLITS) -> None:
+    """Cache the exit outputs of every split of ``ref`` that has none yet."""
+    from dynray.store import load_model
+
+    stored = None
+    info = registry.resolve(ref)
+    for split in splits:
+        if not cache_path(registry.home, info, split).is_file():
+            stored = stored or load_model(registry, info.ref)
+            write_exit_cache(registry, stored, split)
+
+
+def load_records(registry: ModelRegistry, ref: str | None, splits: tuple[str, ...]) -> ExitRecords:
+    """The cached exit outputs of several splits of ``ref``, concatenated sample-wise."""
+    parts = [load_exit_cache(registry, ref, s)[1] for s in splits]
+    if len(parts) == 1:
+        return parts[0]
+    return ExitRecords(logits=torch.cat([p.logits for p in parts], 1), complexity=torch.cat([p.complexity for p in parts]),
+                       labels=torch.cat([p.labels for p in parts]), cum_macs=parts[0].cum_macs, full_macs=parts[0].full_macs)

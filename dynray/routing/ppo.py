@@ -38,15 +38,21 @@ class PPOTrainConfig:
     batch_size: int = 4000
     """Env steps per iteration (train_batch_size_per_learner)."""
     minibatch_size: int = 500
+    """SGD minibatch (at most batch_size)."""
     epochs: int = 10
+    """SGD epochs over each iteration's batch."""
     lr: float = 1e-3
+    """Adam learning rate."""
     entropy_coeff: float = 0.001
+    """Entropy bonus weight (exploration)."""
     hidden: tuple[int, ...] = (64, 64)
     """Hidden layers of the policy (and value) MLP, tanh activations."""
     env_runners: int = 1
     """Env-runner actors sampling in parallel."""
     envs_per_runner: int = 8
+    """Vectorised environments per env runner."""
     seed: int = 0
+    """Seeds the environment and RLlib."""
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.minutes <= 0:

@@ -25,6 +25,7 @@ __all__ = [
     "EDGE",
     "CLOUD",
     "NOOP",
+    "ROUTING_STATE",
     "expert_name",
     "TierArgs",
     "ExpertArgs",
@@ -35,6 +36,7 @@ __all__ = [
 
 SYSTEMS = ("dynray", "all_cloud", "edge_only", "noop")
 INGRESS, EDGE, CLOUD, NOOP = "Ingress", "Edge", "Cloud", "Noop"  # deployment names
+ROUTING_STATE = "RoutingState"  # the routing state the ingress replicas share (when there are several)
 
 
 def expert_name(e: int) -> str:
@@ -53,6 +55,10 @@ class TierArgs(_Strict):
     max_replicas: int = Field(2, ge=1, description="autoscaling ceiling")
     initial_replicas: int | None = Field(None, ge=1, description="replicas at start (default: min, at least 1)")
     target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaler target per replica")
+    upscale_delay_s: float = Field(3.0, ge=0, description="autoscaler: how long the load must call for more replicas before one is added")
+    downscale_delay_s: float = Field(30.0, ge=0, description="autoscaler: how long the load must call for fewer replicas before one is removed")
+    look_back_period_s: float = Field(10.0, gt=0, description="autoscaler: window the ongoing-request average is taken over")
+    metrics_interval_s: float = Field(2.0, gt=0, description="autoscaler: how often replicas and handles report their ongoing requests")
     max_batch_size: int = Field(32, ge=1, description="@serve.batch size limit")
     batch_wait_ms: float = Field(0.0, ge=0, description="@serve.batch wait for a batch to fill; 0 = adaptive: a batch takes whatever queued while the previous one ran")
     max_ongoing_requests: int = Field(64, ge=1, description="must be >= max_batch_size so batches can fill")
@@ -103,7 +109,8 @@ class AppArgs(_Strict):
     max_items: int = Field(256, ge=1, description="batch limit per HTTP request")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="HTTP body size limit")
     ingress_max_ongoing_requests: int = Field(256, ge=1, description="the ingress is pass-through; keep it high")
-    ingress_replicas: int = Field(1, ge=1)
+    ingress_replicas: int = Field(2, ge=1, description="ingress replicas; with 2 or more one can die without a gap (they share routing state)")
+    routing_sync_period_s: float = Field(0.5, gt=0, description="how often each ingress replica pushes what it saw of the tiers and pulls the merged view (off the request path)")
     coalesce_wait_ms: float = Field(0.0, ge=0, description="ingress wait to coalesce concurrent requests into one edge call (0 = adaptive)")
     health_check_period_s: float = Field(1.0, gt=0, description="fast replacement of killed replicas (~2.6 s at 1 s)")
     replica_router: Literal["policy", "serve_default"] = Field("policy", description="replica choice inside a tier: the scheduling policy (custom Serve request router) or Serve's power-of-two-choices")

@@ -9,12 +9,18 @@ the request on the replica when a timeout abandons it.
 Rules:
 - A failed or timed-out call is retried (Serve's router then avoids a replica it saw die)
   while the per-request deadline allows.
+- Only a *tier failure* counts against a tier (:func:`classify_error`): a replica that died,
+  timed out or is unavailable. A device that refuses the call (version or stage not
+  hosted: a config error) is not retried and not counted; a ``RequestError`` from a device
+  goes back to the client as its 4xx.
 - Edge tier down: the request goes straight to the cloud, which hosts the whole model.
 - Cloud tier down: escalated samples are answered with the deepest edge exit's
   prediction and flagged ``degraded``.
 - Neither tier answers: :class:`NoDeviceAvailable`, which the ingress turns into 503.
 - A tier that fails ``failures_to_trip`` times in a row is skipped for ``cooldown_s``
-  (circuit breaker), so a dead cloud costs one timeout, not one per request.
+  (circuit breaker, :mod:`dynray.serving.tiers`), so a dead cloud costs one timeout, not
+  one per request. Failures count once per wave, not once per request: the requests
+  coalesced into one device call, or in flight on one dead replica, are one failure.
 
 Shape legend: N samples in the request, C classes.
 """
@@ -22,6 +28,7 @@ Shape legend: N samples in the request, C classes.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -29,13 +36,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dynray.errors import ConfigError
+from dynray.errors import ConfigError, DynrayError, RequestError
 from dynray.serving.partition import DeviceReply, DeviceRequest, StageInput
 from dynray.routing.features import Load
 from dynray.routing.rules import RouteContext
 from dynray.serving.scheduling import DeviceProfile, LoadReport, NoDeviceAvailable, PathEstimate, SchedulingPolicy, WorkloadEstimate, estimate_paths
+from dynray.serving.tiers import CallTime, FailureEvent, TierView, count_failures
 
-__all__ = ["FailoverConfig", "TierView", "Answer", "Orchestrator", "DeviceCall"]
+__all__ = [
+    "FailoverConfig", "ErrorKind", "TIER_FAILURE_NAMES", "classify_error", "is_tier_failure",
+    "FailureEvent", "count_failures", "TierView", "CallTime", "Answer", "Orchestrator", "DeviceCall",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +66,7 @@ class FailoverConfig:
     attempts: int = 2
     """Calls per tier per request (first try plus retries)."""
     failures_to_trip: int = 2
-    """Consecutive failures that mark a tier down."""
+    """Consecutive failures (one per wave, see ``dynray.serving.tiers.count_failures``) that mark a tier down."""
     cooldown_s: float = 1.0
     """How long a tripped tier is skipped before it is tried again."""
 
@@ -67,33 +78,66 @@ class FailoverConfig:
             raise ConfigError("attempts and failures_to_trip must be >= 1", got=(self.attempts, self.failures_to_trip), fix="e.g. attempts=2")
 
 
-@dataclass
-class TierView:
-    """What the ingress knows about one tier: one load record per replica, and its health."""
+class ErrorKind(enum.Enum):
+    """What a failed device call says about the tier."""
 
-    tier: str
-    loads: dict[str, LoadReport] = field(default_factory=dict)
-    failures: int = 0
-    down_until: float = 0.0
+    TIER = "tier"
+    """The tier could not answer (replica died, timeout, cancelled, unavailable, crashed): retry, count, fail over."""
+    REFUSED = "refused"
+    """The device refused this call (a DynrayError from its own validation, e.g. version not hosted): the tier is fine."""
+    CLIENT = "client"
+    """The request itself is bad (a RequestError): the client gets its 4xx."""
 
-    def available(self, now: float) -> bool:
-        return now >= self.down_until
 
-    def success(self, reply: DeviceReply) -> None:
-        self.failures = 0
-        self.down_until = 0.0
-        rep = LoadReport.from_dict(reply.load)
-        self.loads[rep.replica] = rep
+# Ray's exceptions by class name, so this module needs no Ray: an actor that died or is
+# unreachable, a timeout (asyncio's and Ray's GetTimeoutError are TimeoutErrors), a call
+# cancelled by Serve, a deployment with no replica to take it, an overloaded replica, a lost node.
+TIER_FAILURE_NAMES = frozenset({
+    "RayActorError", "ActorDiedError", "ActorUnavailableError", "TimeoutError", "GetTimeoutError",
+    "TaskCancelledError", "RequestCancelledError", "DeploymentUnavailableError", "ReplicaUnavailableError",
+    "BackPressureError", "NodeDiedError", "WorkerCrashedError", "LocalRayletDiedError", "ObjectLostError",
+    "OwnerDiedError", "RaySystemError", "OutOfMemoryError", "ConnectionError",
+})
 
-    def failure(self, now: float, cfg: FailoverConfig) -> None:
-        self.failures += 1
-        if self.failures >= cfg.failures_to_trip:
-            self.down_until = now + cfg.cooldown_s
-            self.loads.clear()  # stale: replicas are being replaced
 
-    def best(self) -> LoadReport | None:
-        healthy = [r for r in self.loads.values() if r.healthy]
-        return min(healthy, key=lambda r: r.expected_wait_ms(), default=None)
+def classify_error(exc: BaseException) -> ErrorKind:
+    """Tier failure, refusal or client error (see :class:`ErrorKind`).
+
+    A Ray failure class anywhere in the exception's MRO wins (an actor whose constructor
+    raised a DynrayError is still a dead tier); then dynray's own errors, which reach the
+    ingress as ``RayTaskError(<cause>)`` subclassing the cause (or with ``.cause`` set);
+    anything else (a crash inside the device) is a tier failure.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & TIER_FAILURE_NAMES:
+            return ErrorKind.TIER
+        if isinstance(e, RequestError):
+            return ErrorKind.CLIENT
+        if isinstance(e, DynrayError):
+            return ErrorKind.REFUSED
+        cause = getattr(e, "cause", None) if "RayTaskError" in names else None
+        e = cause if isinstance(cause, BaseException) else None
+    return ErrorKind.TIER
+
+
+def is_tier_failure(exc: BaseException) -> bool:
+    """True when ``exc`` should count against the tier's circuit breaker."""
+    return classify_error(exc) is ErrorKind.TIER
+
+
+def _request_error(exc: BaseException) -> RequestError:
+    """The RequestError inside a CLIENT-classified exception (the original, not Ray's wrapper)."""
+    e: BaseException | None = exc
+    while e is not None:
+        cause = getattr(e, "cause", None)
+        if isinstance(e, RequestError) and not isinstance(cause, RequestError):
+            return e
+        e = cause if isinstance(cause, BaseException) else None
+    raise AssertionError("not a client error")  # classify_error said CLIENT
 
 
 @dataclass
@@ -108,6 +152,15 @@ class Answer:
     path: str  # "edge_first" | "cloud_direct"
     escalated: int = 0  # samples the edge handed on (or tried to)
     rerouted: torch.Tensor | None = None  # [N] bool: a failed MoE expert's tokens were answered by another expert
+    device_failures: int = 0  # device calls that failed while answering (each retried or failed over)
+
+
+@dataclass
+class _Trace:
+    """What happened to one request's device calls."""
+
+    failures: int = 0
+    refused: list[str] = field(default_factory=list)
 
 
 class _Ewma:
@@ -134,22 +187,26 @@ class Orchestrator:
         full_macs: float,
         profiles: dict[str, DeviceProfile],
         clock: Callable[[], float] = time.monotonic,
+        origin: str = "local",
     ) -> None:
         if edge is None and cloud is None:
             raise ConfigError("at least one tier is needed", fix="pass an edge or a cloud device call")
         self.cfg, self.policy, self.clock = cfg, policy, clock
         self.calls = {"edge": edge, "cloud": cloud}
-        self.views = {"edge": TierView("edge"), "cloud": TierView("cloud")}
+        self.views = {t: TierView(t, origin=origin) for t in ("edge", "cloud")}
         self.edge_stages = edge_stages
         self.profiles = profiles
         self._macs = (edge_macs, cloud_rest_macs, full_macs)
         self._escalate = _Ewma(0.1)
         self._edge_macs = _Ewma(float(edge_macs))
         self._ms_per_mmac = _Ewma(1.0)
-        # call time per tier as seen from here (network + queue + compute): the router's load input
-        self._call_ms = {t: _Ewma(profiles[t].rtt_ms if t in profiles else 0.0, alpha=0.3) for t in ("edge", "cloud")}  # restarts at the first call
-        self._calls = {"edge": 0, "cloud": 0}
-        self._base_ms: dict[str, float | None] = {"edge": None, "cloud": None}  # lowest call-time EWMA seen: the tier's normal
+        self.call_times = {t: CallTime(profiles[t].rtt_ms if t in profiles else 0.0) for t in ("edge", "cloud")}
+
+    def adopt(self, previous: Orchestrator) -> None:
+        """Keep what ``previous`` (the plan before a reconfigure) learnt about the tiers."""
+        for t in ("edge", "cloud"):
+            self.views[t] = previous.views[t]
+            self.call_times[t] = previous.call_times[t]
 
     def load_snapshot(self, nominal_ms: dict[str, float] | None = None) -> Load:
         """Live load as the router observes it: the best replica's queue and each tier's call time.
@@ -165,7 +222,7 @@ class Orchestrator:
             q[tier] = float(best.queue_len) if best is not None else 0.0
         ms = {}
         for t in ("edge", "cloud"):
-            ewma, base = self._call_ms[t].value, self._base_ms[t]
+            ewma, base = self.call_times[t].value, self.call_times[t].base
             if nominal_ms is None:
                 ms[t] = ewma
             else:
@@ -197,68 +254,79 @@ class Orchestrator:
         # no tier looks usable: answer() still walks edge then cloud, each call re-checking its breaker
         return self.policy.choose_path(ests).path if ests else "edge_first"
 
-    async def _call(self, tier: str, req: DeviceRequest, timeout_s: float, until: float) -> DeviceReply | None:
+    async def _call(self, tier: str, req: DeviceRequest, timeout_s: float, until: float, trace: _Trace) -> DeviceReply | None:
         call, view = self.calls[tier], self.views[tier]
         if call is None:
             return None
         for attempt in range(self.cfg.attempts):
-            now = self.clock()
-            left = until - now
-            if left <= 0 or not view.available(now):
-                return None
             t_call = self.clock()
+            left = until - t_call
+            if left <= 0 or not view.available(t_call):
+                return None
             try:
                 reply = await asyncio.wait_for(call(req), timeout=min(timeout_s, left))
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 - any device failure is handled the same way: retry, then fail over
-                log.warning("%s call failed (attempt %d/%d): %s", tier, attempt + 1, self.cfg.attempts, type(e).__name__)
-                view.failure(self.clock(), self.cfg)
+            except Exception as e:  # noqa: BLE001 - classified: every kind has its handling below
+                kind = classify_error(e)
+                if kind is ErrorKind.CLIENT:
+                    raise _request_error(e) from None
+                if kind is ErrorKind.REFUSED:  # deterministic: the same device would refuse a retry
+                    msg = e.message if isinstance(e, DynrayError) else str(e)
+                    trace.refused.append(f"{tier}: {msg}")
+                    log.warning("%s refused the call (not a tier failure): %s", tier, msg[:300])
+                    return None
+                trace.failures += 1
+                counted = view.failure(self.clock(), self.cfg, started=t_call)
+                log.warning("%s call failed (attempt %d/%d, %s): %s", tier, attempt + 1, self.cfg.attempts,
+                            "counted" if counted else "same wave", type(e).__name__)
                 continue
-            view.success(reply)
+            now = self.clock()
+            view.success(reply, now)
             self._ms_per_mmac.update(reply.ms_per_mmac)
-            ms = (self.clock() - t_call) * 1000
-            if self._calls[tier] == 0:
-                self._call_ms[tier].value = ms
-            self._call_ms[tier].update(ms)
-            self._calls[tier] += 1
-            if self._calls[tier] >= 8:  # past the first calls (cold replicas, the EWMA's start value)
-                cur, base = self._call_ms[tier].value, self._base_ms[tier]
-                self._base_ms[tier] = cur if base is None else min(base, cur)
+            self.call_times[tier].update((now - t_call) * 1000)
             return reply
         return None
+
+    def _unavailable(self, trace: _Trace) -> NoDeviceAvailable:
+        if trace.refused:
+            return NoDeviceAvailable("no tier could answer: " + "; ".join(trace.refused)[:400], fix="serve only versions every tier hosts (roll devices before the ingress), then retry after the Retry-After delay")
+        return NoDeviceAvailable("no tier could answer within the deadline", got=f"{self.cfg.deadline_s}s", fix="retry after the Retry-After delay")
 
     async def answer(self, images: torch.Tensor, version: str, route: RouteContext | None = None) -> Answer:
         """Answer ``images`` [N, C, H, W] with model ``version``; raises NoDeviceAvailable.
 
-        ``route`` names the router the devices apply (None: the model's thresholds).
+        ``route`` names the router the devices apply (None: the model's thresholds). A
+        ``RequestError`` a device raises is re-raised (the client's 4xx).
         """
         until = self.clock() + self.cfg.deadline_s
         n = images.shape[0]
+        trace = _Trace()
         path = self.choose_path()
+        first = DeviceRequest(version, 0, StageInput(h=images), route)
         if path == "cloud_direct":
-            reply = await self._call("cloud", DeviceRequest(version, 0, StageInput(h=images), route), self.cfg.cloud_timeout_s, until)
+            reply = await self._call("cloud", first, self.cfg.cloud_timeout_s, until, trace)
             if reply is not None:
-                return _assemble(n, "cloud_direct", [reply])
-        edge = await self._call("edge", DeviceRequest(version, 0, StageInput(h=images), route), self.cfg.edge_timeout_s, until)
+                return _assemble(n, "cloud_direct", [reply], trace=trace)
+        edge = await self._call("edge", first, self.cfg.edge_timeout_s, until, trace)
         if edge is None:
             if path == "cloud_direct":  # both tiers failed
-                raise NoDeviceAvailable("no tier could answer within the deadline", got=f"{self.cfg.deadline_s}s", fix="retry after the Retry-After delay")
-            reply = await self._call("cloud", DeviceRequest(version, 0, StageInput(h=images), route), self.cfg.cloud_timeout_s, until)
+                raise self._unavailable(trace)
+            reply = await self._call("cloud", first, self.cfg.cloud_timeout_s, until, trace)
             if reply is None:
-                raise NoDeviceAvailable("no tier could answer within the deadline", got=f"{self.cfg.deadline_s}s", fix="retry after the Retry-After delay")
-            return _assemble(n, "cloud_direct", [reply])
+                raise self._unavailable(trace)
+            return _assemble(n, "cloud_direct", [reply], trace=trace)
         r = edge.result
         n_cont = int(r.cont.numel())
         self._escalate.update(n_cont / max(n, 1))
         self._edge_macs.update(float(r.macs.double().mean()))
         if not n_cont:
-            return _assemble(n, "edge_first", [edge])
-        cloud = await self._call("cloud", DeviceRequest(version, self.edge_stages, r.cont_input, route), self.cfg.cloud_timeout_s, until)
-        return _assemble(n, "edge_first", [edge] if cloud is None else [edge, cloud], escalated=n_cont)
+            return _assemble(n, "edge_first", [edge], trace=trace)
+        cloud = await self._call("cloud", DeviceRequest(version, self.edge_stages, r.cont_input, route), self.cfg.cloud_timeout_s, until, trace)
+        return _assemble(n, "edge_first", [edge] if cloud is None else [edge, cloud], escalated=n_cont, trace=trace)
 
 
-def _assemble(n: int, path: str, replies: list[DeviceReply], escalated: int = 0) -> Answer:
+def _assemble(n: int, path: str, replies: list[DeviceReply], escalated: int = 0, trace: _Trace | None = None) -> Answer:
     """Merge device replies into per-sample results; continuations left over are degraded."""
     first = replies[0].result
     c = first.logits.shape[1] if first.logits.numel() else first.cont_logits.shape[1]
@@ -288,4 +356,5 @@ def _assemble(n: int, path: str, replies: list[DeviceReply], escalated: int = 0)
         degraded.index_fill_(0, pos, True)
         for i in pos.tolist():
             tier[i] = last.tier
-    return Answer(logits=logits, exit_index=exit_index, tier=tier, degraded=degraded, macs=macs, path=path, escalated=escalated, rerouted=rerouted)
+    return Answer(logits=logits, exit_index=exit_index, tier=tier, degraded=degraded, macs=macs, path=path, escalated=escalated, rerouted=rerouted,
+                  device_failures=trace.failures if trace is not None else 0)

@@ -1,8 +1,9 @@
 """Run a contiguous range of DynamicNet stages: the unit of work one device executes.
 
 An edge device hosts stages ``[0, k)`` with their exits; a cloud device hosts ``[k, K)``
-or the whole model. :func:`run_stages` runs a batch through its range with the same batch
-compaction as :meth:`DynamicNet.forward_exits`. Samples the stop rule keeps running past
+or the whole model. :func:`run_stages` runs a batch through its range with the batch
+compaction loop of :meth:`DynamicNet.forward_range`, the one
+:meth:`DynamicNet.forward_exits` runs over the whole model. Samples the stop rule keeps running past
 the last hosted stage come back as **continuations**: the intermediate activations, the
 complexity features and the last prediction, so the next device resumes exactly where
 this one stopped and no work is redone. Each continuation also carries the logits of the
@@ -15,6 +16,7 @@ C classes, F complexity features, K exits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,19 +112,22 @@ def range_macs(model: DynamicNet, rng: StageRange) -> int:
     return sum(p.stage[rng.start : rng.stop]) + sum(p.exit[rng.start : rng.stop])
 
 
-def _cat(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+def _cat(parts: Sequence[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts) if parts else empty
 
 
 @torch.no_grad()
 def run_stages(model: DynamicNet, rng: StageRange, inp: StageInput, stop_rule: StopRule) -> StageResult:
-    """Run ``inp`` through the hosted stages with batch compaction (see module docstring)."""
+    """Run ``inp`` through the hosted stages with batch compaction (see module docstring).
+
+    The compaction loop is :meth:`DynamicNet.forward_range`, the one ``forward_exits`` runs;
+    this wraps its output as a device's :class:`StageResult`.
+    """
     rng.check(model)
     h = model.validate_input(inp.h) if rng.start == 0 else inp.h
     n, last_global = h.shape[0], model.num_exits - 1
-    prof = model.mac_profile
-    macs = torch.zeros(n, dtype=torch.int64)  # [B]
-    if rng.full:
+    if rng.full:  # the static network: no exits to decide, so no compaction
+        macs = torch.zeros(n, dtype=torch.int64)  # [B]
         rerouted_full = torch.zeros(n, dtype=torch.bool) if model.moe_by_stage else None
         for k, stage in enumerate(model.stages):
             h = stage(h)
@@ -135,50 +140,27 @@ def run_stages(model: DynamicNet, rng: StageRange, inp: StageInput, stop_rule: S
 
     uses_cx = getattr(stop_rule, "uses_complexity", True)
     if inp.complexity is not None:
-        b_cx = inp.complexity
+        cx = inp.complexity
     else:
         # features are computed from the raw images, so only the first device can make them
         if uses_cx and rng.start != 0:
             raise ConfigError("this stop rule reads complexity features, which the first device must forward", got=rng, fix="forward StageResult.cont_input unchanged")
-        b_cx = model.complexity(h) if uses_cx else h.new_zeros(n, 0)
-    b_prev = inp.prev_pred
-    b_idx = torch.arange(n)  # [b] positions of the running samples
-    done_idx, done_logits, done_exit = [], [], []
-    seen: list[int] = []
-    b_logits = h.new_empty(0, model.cfg.num_classes)
-    rerouted = torch.zeros(n, dtype=torch.bool) if any(rng.start <= k < rng.stop for k in model.moe_by_stage) else None
-    for k in range(rng.start, rng.stop):
-        seen.append(h.shape[0])
-        h = model.stages[k](h)
-        b_logits = model.exits[k](h)  # [b, C]
-        macs.index_add_(0, b_idx, torch.full_like(b_idx, prof.stage[k] + prof.exit[k]))
-        if (extra := model.moe_extras(k, h.shape[0])) is not None:  # MoE: only the experts that ran
-            macs.index_add_(0, b_idx, extra[0])
-            rerouted[b_idx] |= extra[1]  # type: ignore[index]
-        stop = torch.ones(h.shape[0], dtype=torch.bool) if k == last_global else stop_rule.stop(k, b_logits, b_cx, b_prev)
-        b_prev = b_logits.argmax(dim=1)
-        stop_at = stop.nonzero().squeeze(1)
-        if stop_at.numel():
-            done_idx.append(b_idx.index_select(0, stop_at))
-            done_logits.append(b_logits.index_select(0, stop_at))
-            done_exit.append(torch.full((stop_at.numel(),), k, dtype=torch.int64))
-            keep = (~stop).nonzero().squeeze(1)
-            b_idx, h, b_cx, b_prev, b_logits = (t.index_select(0, keep) for t in (b_idx, h, b_cx, b_prev, b_logits))
-        if not b_idx.numel():
-            break
+        cx = model.complexity(h) if uses_cx else h.new_zeros(n, 0)  # [B, F]
+    r = model.forward_range(h, rng.start, rng.stop, stop_rule, cx, inp.prev_pred)
     i64 = torch.empty(0, dtype=torch.int64)
-    cont_input = StageInput(h=h, complexity=b_cx, prev_pred=b_prev) if b_idx.numel() else None
+    done = _cat(r.done, i64)  # [d] grouped by exit, in stage order
+    c = r.cont
     return StageResult(
-        done=_cat(done_idx, i64),
-        logits=_cat(done_logits, b_logits.new_empty(0, model.cfg.num_classes)),
-        exit_index=_cat(done_exit, i64),
-        macs=macs,
-        cont=b_idx,
-        cont_input=cont_input,
-        cont_logits=b_logits,
-        cont_exit=rng.stop - 1 if b_idx.numel() else -1,
-        stage_batch=tuple(seen),
-        rerouted=rerouted,
+        done=done,
+        logits=_cat(r.done_logits, h.new_empty(0, model.cfg.num_classes)),
+        exit_index=r.exit_index.index_select(0, done),
+        macs=r.macs,
+        cont=i64 if c is None else c.positions,
+        cont_input=None if c is None else StageInput(h=c.h, complexity=c.complexity, prev_pred=c.prev_pred),
+        cont_logits=h.new_empty(0, model.cfg.num_classes) if c is None else c.logits,
+        cont_exit=-1 if c is None else rng.stop - 1,
+        stage_batch=r.stage_batch,
+        rerouted=r.rerouted,
     )
 
 

@@ -1,6 +1,8 @@
-"""The body of ``POST /v1/predict``: decoding, validation, client encoders, OpenAPI models.
+"""The body of ``POST /v1/predict``: reading, decoding, validation, client encoders, OpenAPI models.
 
-Pure (no Ray, no FastAPI). :func:`decode_request` turns the raw body into an
+Pure (no Ray, no FastAPI). :func:`read_body` reads a body from its chunks and stops with a
+413 as soon as it passes the size limit (a chunked upload has no Content-Length to check
+first). :func:`decode_request` turns the raw body into an
 ``[N, C, H, W]`` float32 tensor in [0, 1] or raises :class:`~dynray.errors.RequestError`
 with the 4xx status to answer (400 malformed, 413 too large, 415 not JSON, 422 invalid
 values). The body holds exactly one input form: ``inputs`` (nested lists),
@@ -15,6 +17,7 @@ import difflib
 import io
 import json
 import logging
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dynray.errors import ConfigError, RequestError
 
 __all__ = [
-    "FORMS", "ALLOWED_KEYS", "PayloadLimits", "DecodedRequest", "decode_request", "decode_json",
+    "FORMS", "ALLOWED_KEYS", "PayloadLimits", "DecodedRequest", "read_body", "decode_request", "decode_json",
     "encode_array", "encode_png", "encode_inputs", "PredictRequest", "PredictResponse", "ErrorResponse",
 ]
 
@@ -78,6 +81,32 @@ def _err(status: int, what: str, got: object = None, fix: str = "") -> RequestEr
     return RequestError(what, status=status, got=got, fix=fix)
 
 
+def _too_large(limit: int, got: object) -> RequestError:
+    return _err(413, f"request body over {limit} bytes", got,
+                "send fewer images per request, or array_b64 with dtype uint8 (the most compact form)")
+
+
+async def read_body(chunks: AsyncIterable[bytes], max_bytes: int, content_length: str | None = None) -> bytes:
+    """The whole body, read chunk by chunk; 413 as soon as it passes ``max_bytes``.
+
+    A declared ``content_length`` over the limit is refused before reading anything, one that
+    is not a number is a 400; a chunked body (no length) is refused at the first chunk that
+    takes it past the limit, and the rest is never read.
+    """
+    if content_length is not None:
+        text = content_length.strip()
+        if not (text.isascii() and text.isdigit()):
+            raise _err(400, "Content-Length is not a non-negative integer", content_length[:40], "send the body's byte count, or use chunked transfer encoding")
+        if int(text) > max_bytes:
+            raise _too_large(max_bytes, int(text))
+    buf = bytearray()
+    async for chunk in chunks:
+        buf += chunk
+        if len(buf) > max_bytes:
+            raise _too_large(max_bytes, f"more than {len(buf) - len(chunk)} bytes (stopped reading)")
+    return bytes(buf)
+
+
 def decode_request(body: bytes, content_type: str | None, limits: PayloadLimits) -> DecodedRequest:
     """Check the content type and size, parse the JSON and decode it (see :func:`decode_json`)."""
     media = (content_type or "").split(";", 1)[0].strip().lower()
@@ -85,8 +114,7 @@ def decode_request(body: bytes, content_type: str | None, limits: PayloadLimits)
         raise _err(415, "request body must be JSON", content_type or "(no Content-Type)",
                    "send header Content-Type: application/json")
     if len(body) > limits.max_body_bytes:
-        raise _err(413, f"request body over {limits.max_body_bytes} bytes", len(body),
-                   "send fewer images per request, or array_b64 with dtype uint8 (the most compact form)")
+        raise _too_large(limits.max_body_bytes, len(body))
     try:
         obj = json.loads(bytes(body).decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -323,9 +351,11 @@ class PredictResponse(BaseModel):
     degraded: bool = Field(description="True when the answer came from a fallback (e.g. cloud unreachable, or a failed MoE expert's work rerouted).")
     latency_ms: float = Field(description="Server-side time to answer, in milliseconds.")
     expert_rerouted: list[bool] | None = Field(None, description="Per image: an MoE expert failed and the next-best expert by gate score answered instead.")
+    device_failures: int = Field(0, description="Device calls that failed while answering (each retried or failed over); 0 normally.")
 
 
 class ErrorResponse(BaseModel):
-    """4xx answer: one line saying what was wrong, what was received and the fix."""
+    """4xx/5xx answer: one line saying what was wrong, what was received and the fix."""
 
-    error: str = Field(description="What was wrong; got ...; fix: ...")
+    error: str = Field(description="What was wrong; got ...; fix: ... (500: just \"internal error\")")
+    request_id: str | None = Field(None, description="The request's id, also in the X-Request-Id header: quote it when reporting a 500.")

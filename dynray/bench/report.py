@@ -1,0 +1,111 @@
+"""Every bench section as text: what `dynray bench` and the demo print after a measurement."""
+
+from __future__ import annotations
+
+__all__ = ["format_section", "format_core", "format_serve", "format_router", "format_moe", "format_nas"]
+
+
+def format_core(s: dict) -> str:
+    """The core section as text."""
+    out: list[str] = []
+    rows = [
+        ("model", s["model"]),
+        ("test samples", s["n_test"]),
+        ("accuracy full / adaptive / oracle", f"{s['accuracy_full']:.4f} / {s['accuracy_adaptive']:.4f} / {s['accuracy_oracle']:.4f}"),
+        ("MACs/sample full / adaptive / oracle", f"{s['macs_full']:,.0f} / {s['macs_adaptive']:,.0f} / {s['macs_oracle']:,.0f}"),
+        ("MAC saving (full / adaptive)", f"{s['macs_saving']:.2f}x"),
+        ("adaptive / oracle MACs", f"{s['adaptive_vs_oracle']:.3f}"),
+        ("exit fractions", ", ".join(f"{f:.3f}" for f in s["exit_fractions"])),
+        ("throughput b256 full / adaptive", f"{s['throughput_sps']['full']:,.0f} / {s['throughput_sps']['adaptive']:,.0f} samples/s ({s['throughput_gain']:.2f}x, {s['threads']} thread)"),
+        (f"  same with {s['throughput_sps_all_threads']['threads']} threads", f"{s['throughput_sps_all_threads']['full']:,.0f} / {s['throughput_sps_all_threads']['adaptive']:,.0f} samples/s ({s['throughput_sps_all_threads']['adaptive'] / s['throughput_sps_all_threads']['full']:.2f}x)"),
+        ("latency b1 p50 full / adaptive", f"{s['latency_ms']['full']['b1']['p50']:.3f} / {s['latency_ms']['adaptive']['b1']['p50']:.3f} ms"),
+        ("latency b256 p50 full / adaptive", f"{s['latency_ms']['full']['b256']['p50']:.2f} / {s['latency_ms']['adaptive']['b256']['p50']:.2f} ms"),
+        ("peak RSS", f"{s['peak_rss_mb']:.0f} MB"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        out.append(f"  {k:<{w}}  {v}")
+    if "plot" in s:
+        out.append(f"  plot: {s['plot']}")
+    return "\n".join(out)
+
+
+def format_serve(s: dict) -> str:
+    """The serve section as text."""
+    out: list[str] = []
+    out.append(f"  {'system':<10} {'rps':>7} {'p50 ms':>8} {'p99 ms':>8} {'accuracy':>9} {'cost/1k':>9} {'escalated':>9}")
+    for name, m in s["systems"].items():
+        acc, cost, esc = (f"{m[k]:.4f}" if k in m else "-" for k in ("accuracy", "cost_per_1k", "escalated_frac"))
+        out.append(f"  {name:<10} {m['rps']:>7.1f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f} {acc:>9} {cost:>9} {esc:>9}")
+        if "light" in m:
+            lt = m["light"]
+            out.append(f"  {'  light':<10} {lt['rps']:>7.1f} {lt['p50_ms']:>8.2f} {lt['p99_ms']:>8.2f}   (concurrency {lt['concurrency']})")
+    r = s["ratios"]
+    if r:
+        out.append(f"  dynray vs all-cloud: cost {r['cost_vs_all_cloud']:.3f}x, p50 {r['p50_vs_all_cloud']:.3f}x (light load {r['p50_vs_all_cloud_light'] or float('nan'):.3f}x), accuracy gap {r['accuracy_gap_pt']:+.2f} pt; rps vs no-op {r['rps_vs_noop']:.3f}x")
+    if s.get("chaos"):
+        c = s["chaos"]
+        out.append(f"  chaos: {c['answered']}/{c['requests']} answered, {c['degraded']} degraded, {c['errors']} errors, replicas back in {c['recovery_s']:.1f} s")
+    if s.get("autoscale"):
+        au = s["autoscale"]
+        out.append(f"  autoscale: edge {au['replicas_start']} -> {au['replicas_peak']} replicas under concurrency {au['concurrency']}, first scale-up after {au['seconds_to_first_scale_up']} s")
+    return "\n".join(out)
+
+
+def format_router(s: dict) -> str:
+    """The router section as text."""
+    out: list[str] = []
+    out.append(f"  model {s['model']}, router {s['router']} (PPO trained in {s['train_minutes'] or float('nan'):.1f} min), {s['n_test']} test samples")
+    sav, det = s["equal_accuracy_cost_saving"], s["equal_accuracy_detail"]
+    for k in ("ppo", "hybrid"):
+        out.append(f"  {k:<7} cost saving vs thresholds at equal accuracy: median {sav[k]:+.1%} (worst {det[k]['worst']:+.1%}, best {det[k]['best']:+.1%})")
+    out.append(f"  one PPO policy at {len(s['lambda_sweep'])} lambdas vs thresholds re-tuned per lambda: worst cost gap {s['lambda_sweep_max_gap']:+.1%} "
+          f"(vs the re-tuned frontier: {s['lambda_sweep_max_gap_vs_frontier']:+.1%})")
+    for w in s["lambda_sweep"]:
+        out.append(f"    lambda {w['lambda']:<6g} PPO acc {w['ppo']['accuracy']:.4f} cost {w['ppo']['cost']:.4f} | re-tuned thresholds acc {w['thresholds']['accuracy']:.4f} cost {w['thresholds']['cost']:.4f}"
+              f" | gap {w['gap']:+.1%} ({w['compared_with']}), vs frontier {w['gap_vs_frontier']:+.1%}")
+    ls = s["load_shift"]
+    out.append(f"  load shift (cloud x{ls['slowdown']:g} for a window, SLO {ls['slo_ms']:g} ms, {ls['requests']} requests, lambda_cost {ls['lambda_cost']:.4g}, lambda_lat {ls['lambda_lat']:g}/ms):")
+    for k in ("thresholds", "ppo", "hybrid"):
+        red = f", {ls['miss_reduction'][k]:+.0%} misses vs thresholds" if k in ls["miss_reduction"] else ""
+        out.append(f"    {k:<10} SLO misses {ls['slo_misses'][k]:>4}  accuracy {ls['accuracy'][k]:.4f}{red}")
+    out.append(f"  plot: {s['plot']}")
+    return "\n".join(out)
+
+
+def format_moe(s: dict) -> str:
+    """The moe section as text."""
+    out: list[str] = []
+    mc = s["moe_config"]
+    out.append(f"  MoE {s['model'].split(':')[0]} ({mc['num_experts']} experts, top-{mc['top_k']} {mc['gate']}, stages {mc['stages']}) vs its dense twin, {s['n_test']} test samples")
+    out.append(f"  accuracy (last exit) MoE {s['accuracy_moe']:.4f} vs dense {s['accuracy_dense']:.4f} ({100 * (s['accuracy_moe'] - s['accuracy_dense']):+.2f} pt) "
+          f"at {s['active_macs_moe']:,.0f} vs {s['macs_dense']:,.0f} active MACs/sample")
+    if s["seeds"] > 1:
+        out.append(f"  (mean of {s['seeds']} seed pairs)")
+    for p in s["per_seed"]:
+        m, d = p["moe"], p["dense"]
+        out.append(f"    seed {p['seed']}: {p['model']} {m['accuracy']:.4f} vs {p['dense_model']} {d['accuracy']:.4f} ({p['gap_pt']:+.2f} pt); "
+              f"early exits at {m['adaptive']['threshold']}: {m['adaptive']['accuracy']:.4f} at {m['adaptive']['active_macs']:,.0f} MACs vs {d['adaptive']['accuracy']:.4f} at {d['adaptive']['active_macs']:,.0f}")
+    out.append(f"  expert shares {s['expert_share']} (least {s['expert_share_min_vs_uniform']:.2f}x uniform), dropped {100 * s['dropped_frac']:.2f}% (batches of {s['usage_batch_size']})")
+    lat = s["remote_latency_ms"]
+    out.append(f"  expert actors vs local: max |logit diff| {s['actor_max_abs_diff']:.2e}; p50 overhead "
+          + ", ".join(f"{b} {v['overhead_p50_ms']:+.2f} ms ({v['local']['p50']:.2f} -> {v['remote']['p50']:.2f})" for b, v in lat.items()))
+    return "\n".join(out)
+
+
+def format_nas(s: dict) -> str:
+    """The nas section as text."""
+    out: list[str] = []
+    out.append(f"  {s['trials']} trials in {s['minutes']:.1f} min ({s['searcher']}); ASHA stopped {100 * s['asha_stopped_frac']:.0f}% early")
+    rho = s["predictor_spearman"]
+    out.append(f"  predictor Spearman (held-out trials, accuracy at the first rung): {'n/a (too few trials)' if rho is None else f'{rho:.2f}'}")
+    out.append(f"  a found architecture dominates the default on test: {s['dominates_default']}")
+    for f in s["front"]:
+        out.append(f"    front: val {f['accuracy']:.4f} at {f['macs']:,.0f} MACs, test {f['test_accuracy']:.4f} at {f['test_macs']:,.0f}  {f['describe']}")
+    out.append(f"  files: {', '.join(s['files'].values())}")
+    return "\n".join(out)
+
+
+def format_section(section: str, s: dict) -> str:
+    """The printer of ``section`` (core for any section without its own)."""
+    return {"core": format_core, "serve": format_serve, "router": format_router, "moe": format_moe, "nas": format_nas}.get(section, format_core)(s)
