@@ -137,11 +137,11 @@ def _submit(args: list[str], prog: str) -> int:
               f"Send `python -m jobs.STEP JOB ARGS` to a Ray cluster as a Ray job, stream its logs, exit with its status.\n"
               f"STEP: {', '.join(SUBMIT_STEPS)}. The job's arguments are checked here first. --address defaults to $RAY_ADDRESS.")
         return 0
-    step = args[0]
+    own, rest = _split_submit(args, prog)  # submit's flags may stand before or after STEP
+    step, job_args = (rest[0], rest[1:]) if rest else ("", [])
     if step not in SUBMIT_STEPS:
         close = difflib.get_close_matches(step, SUBMIT_STEPS, n=1)
-        raise UsageError("unknown job step", got=step, fix=f"{'did you mean ' + close[0] + '? ' if close else ''}steps: {', '.join(SUBMIT_STEPS)}")
-    own, job_args = _split_submit(args[1:], prog)
+        raise UsageError("unknown job step", got=step or None, fix=f"{'did you mean ' + close[0] + '? ' if close else ''}steps: {', '.join(SUBMIT_STEPS)}")
     env_vars = {}
     for kv in own["env"]:
         k, eq, v = kv.partition("=")
@@ -152,7 +152,9 @@ def _submit(args: list[str], prog: str) -> int:
     address = own.get("address") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise UsageError("no cluster to submit to", fix=f"pass --address http://HEAD:8265 or set RAY_ADDRESS (e.g. {prog} {step} --address http://127.0.0.1:8265 -- ...)")
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60's job SDK needs it against a token-auth head (RAY_NOTES §0)
+    from jobs._ray import ensure_auth_env
+
+    ensure_auth_env()  # the job SDK must use the head's auth mode, which a plain shell does not say (RAY_NOTES §0)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)

@@ -95,7 +95,7 @@ def _pairs(registry: ModelRegistry, cfg: Config) -> list[tuple[StoredModel, Stor
             raise ConfigError("the MoE bench needs a model with MoE stages", got=moe.info.ref, fix=f"omit --model (one is trained), or train one: dynray train --arch moe --dataset {dataset}")
         models = [moe]
     else:
-        models = [_find_or_train(registry, f"moe-{dataset}", model_config_for(dataset, "moe"), s, a) for s in range(cfg.moe_seeds)]
+        models = [_find_or_train(registry, f"moe-{dataset}", model_config_for(dataset, "moe"), s, cfg) for s in range(cfg.moe_seeds)]
     pairs = []
     for moe in models:
         twin_cfg = replace(moe.model.cfg, moe=moe.model.cfg.moe.dense_equivalent())  # type: ignore[union-attr]
@@ -104,7 +104,7 @@ def _pairs(registry: ModelRegistry, cfg: Config) -> list[tuple[StoredModel, Stor
             if dense.model.mac_profile.cumulative[-1] > moe.model.mac_profile.cumulative[-1]:
                 raise ConfigError("the dense model spends more MACs than the MoE model", got=dense.info.ref, fix="omit --dense-model: the equal-MACs twin is found or trained")
         else:
-            dense = _find_or_train(registry, f"{moe.info.name}-dense", twin_cfg, _seed(moe.info) or 0, a)
+            dense = _find_or_train(registry, f"{moe.info.name}-dense", twin_cfg, _seed(moe.info) or 0, cfg)
         pairs.append((moe, dense))
     return pairs
 
@@ -112,8 +112,9 @@ def _pairs(registry: ModelRegistry, cfg: Config) -> list[tuple[StoredModel, Stor
 def run(cfg: Config) -> BenchResult:
     from actors.expert import RemoteExperts, spawn_expert_actors
 
+    check_bench_file(cfg.json)  # before any training or measuring
     registry = ModelRegistry()
-    pairs = _pairs(registry, a)
+    pairs = _pairs(registry, cfg)
     moe, dense = pairs[0]
     test = load_dataset(moe.dataset, "test")
     mcfg = MoEBenchConfig(latency_calls=cfg.moe_latency_calls)

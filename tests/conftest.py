@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +46,15 @@ def ray_session():
     ray.init(address="local", num_cpus=4, resources={"edge": 16, "cloud": 16}, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+def _clean_env(home: Path) -> dict[str, str]:
+    return {"HOME": os.environ.get("HOME", "/root"), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+            "DYNRAY_HOME": str(home), "DYNRAY_DATA": str(home / "data"), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def clean_env() -> Callable[[Path], dict[str, str]]:
+    """``env -i HOME=$HOME PATH=<venv>/bin:/usr/bin:/bin`` plus a test registry: a new user's
+    shell, with no RAY_* or other variables, for every CLI subprocess."""
+    return _clean_env

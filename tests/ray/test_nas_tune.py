@@ -19,6 +19,9 @@ from dynray.store import load_model
 
 pytestmark = pytest.mark.ray
 TINY = dict(epochs=1, grace=1, train_limit=256, time_budget_min=5.0, concurrency=2, register_top=1)
+# fixed score per candidate (keyed by its lr), in the order the searcher suggests them: the
+# reference (the default candidate's lr, 3e-3) is the worst, so only its protection keeps it
+RUNG_SCORES = {1.5e-3: 0.9, 3e-3: 0.1, 5e-3: 0.3}
 
 
 @pytest.fixture
@@ -34,6 +37,55 @@ def crash_searcher():
 
     yield "test-crash"
     SEARCHERS.pop("test-crash")
+
+
+@pytest.fixture
+def rung_searcher():
+    """Three candidates in a fixed order, each reporting one fixed score at every iteration.
+
+    Run one at a time under ASHA (max_t 3, grace 1, reduction 3), the first rung is
+    deterministic: the first trial sets the cutoff and runs to the end; the reference and
+    the third trial fall below the cutoff, and only the third is stopped.
+    """
+    space = SearchSpace()
+    base = default_candidate(space.max_stages)
+    assert base.lr == 3e-3 and base.lr in RUNG_SCORES
+    points = [{**replace(base, lr=lr).to_dict(), REFERENCE_KEY: lr == base.lr} for lr in RUNG_SCORES]
+
+    # defined here, not at module level, so that Ray pickles it by value: no worker imports this file
+    def fixed_score_trainable(config, settings, scores):
+        from ray import tune
+
+        s = scores[config["lr"]]
+        for it in range(settings.epochs):
+            tune.report({"score": s, "accuracy": s, "macs": 1e5 * (2 - s), "test_accuracy": s, "test_macs": 1e5 * (2 - s), "latency_ms": 1.0, "epoch": it + 1, REFERENCE_KEY: config[REFERENCE_KEY]})
+
+    @register_searcher("test-rungs")
+    def _plan(cfg, settings):
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # the points fill every key of the space (BasicVariantGenerator needs the keys), no sampling
+        alg = BasicVariantGenerator(points_to_evaluate=points)
+        return SearchPlan(fixed_score_trainable, alg, {**space.tune_space(), REFERENCE_KEY: False}, len(points), True, params={"scores": RUNG_SCORES})
+
+    yield "test-rungs"
+    SEARCHERS.pop("test-rungs")
+
+
+def test_asha_stops_trials_at_its_first_rung_but_runs_the_reference_to_max_t(ray_session, tmp_path, rung_searcher):
+    cfg = NASConfig(searcher=rung_searcher, trials=3, epochs=3, grace=1, reduction=3, concurrency=1, time_budget_min=5.0, register_top=0, storage_path=str(tmp_path / "tune"))
+    res = run_search(cfg, ModelRegistry(tmp_path / "home"), out_dir=tmp_path / "rungs", progress=False)
+    by_lr = {t.candidate["lr"]: t for t in res.trials}
+    assert sorted(by_lr) == sorted(RUNG_SCORES) and len(res.trials) == 3
+    summary = {lr: (t.status, t.epochs, t.reference) for lr, t in by_lr.items()}
+    # the first trial set the rung's cutoff and ran to max_t
+    assert summary[1.5e-3] == ("completed", 3, False), summary
+    # the reference scored worst of all at the first rung, and still ran to max_t
+    assert summary[3e-3] == ("completed", 3, True), summary
+    # below the cutoff at the first rung: stopped there, after one iteration
+    assert summary[5e-3] == ("stopped", 1, False), summary
+    assert res.asha_stopped_frac == pytest.approx(1 / 2)  # of the non-reference trials
+    assert json.loads(Path(res.files["json"]).read_text())["status_counts"] == {"completed": 2, "stopped": 1, "budget": 0, "failed": 0}
 
 
 def test_tiny_tune_run_ends_with_a_front_file_and_a_registered_best_config(ray_session, tmp_path, crash_searcher):
@@ -61,7 +113,7 @@ def test_tiny_tune_run_ends_with_a_front_file_and_a_registered_best_config(ray_s
 
 def test_random_search_through_tune(ray_session, tmp_path):
     """Tune's BasicVariantGenerator over the space's domains, the reference first (ASHA's
-    stopping and its protection of the reference are unit-tested in tests/unit/test_nas.py)."""
+    stopping and its protection of the reference: the rung test above)."""
     cfg = NASConfig(searcher="random", trials=3, storage_path=str(tmp_path / "tune"), **{**TINY, "register_top": 0})
     res = run_search(cfg, ModelRegistry(tmp_path / "home"), out_dir=tmp_path / "rand", progress=False)
     assert len(res.trials) == 3 and all(t.status == "completed" for t in res.trials)

@@ -1,9 +1,13 @@
-"""The `dynray` CLI and every `python -m jobs.*` entrypoint, run as subprocesses."""
+"""The `dynray` CLI and every `python -m jobs.*` entrypoint, run as subprocesses.
+
+Every subprocess runs in an environment stripped the way a new user's shell is: HOME, a
+PATH with the venv first, the test's DYNRAY_HOME/DYNRAY_DATA, and no RAY_* variable.
+"""
 
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +20,8 @@ DYNRAY = str(Path(sys.executable).with_name("dynray"))
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    home = tmp_path_factory.mktemp("dynray_home")
-    e = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    e.update(DYNRAY_HOME=str(home), DYNRAY_DATA=str(home / "data"), PYTHONUNBUFFERED="1")
-    return e
+def env(tmp_path_factory, clean_env):
+    return clean_env(tmp_path_factory.mktemp("dynray_home"))
 
 
 def run(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -131,7 +132,15 @@ def _models(env: dict) -> list[str]:
         (["bench", "core", "--model", "dynnet-mnist-5k:v9", "--json", "x.json"], "unknown version"),
         (["calibrate", "--model", "dynnet-mnist-5k:v1", "--macs-budget", "10"], "MAC budget"),
         (["calibrate", "--model", "dynnet-mnist-5k:v1", "--max-drop", "-1"], "impossible"),
-        (["bench", "security", "--json", "x.json"], "not built yet"),
+        (["bench", "security", "--json", "x.json"], "unknown bench section"),
+        (["bench", "core", "--json", "x.json", "--bogus", "1"], "Unrecognized options: --bogus"),
+        (["train", "--epochs", "many"], "--epochs"),
+        (["frobnicate"], "unknown command"),
+        (["submit", "train", "--", "--epochs", "1"], "no cluster to submit to"),
+        (["submit", "trian", "--address", "http://127.0.0.1:1"], "did you mean train"),
+        (["submit", "train", "--address", "http://127.0.0.1:1", "--", "--epochs", "x"], "--epochs"),
+        (["models", "promote", "dynnet-mnist-5k:v1"], "promote needs a model and a stage"),
+        (["router", "fly"], "needs an action"),
         (["router", "train", "--model", "nosuch"], "unknown model"),
         (["bench", "router", "--model", "dynnet-mnist-5k:v7", "--json", "x.json"], "unknown version"),
         (["train", "--arch", "moe", "--top-k", "5", "--epochs", "1"], "top_k is larger than the experts"),
@@ -233,10 +242,46 @@ def test_bench_router_uses_the_demo_router(demo, env, tmp_path):
     assert Path(s["plot"]).stat().st_size > 10_000
 
 
-def test_tampered_checkpoint_is_refused(demo, env):
-    f = Path(env["DYNRAY_HOME"]) / "models" / "dynnet-mnist-5k" / "v1" / "model.safetensors"
+def test_tampered_checkpoint_is_refused(demo, env, tmp_path, clean_env):
+    """On a copy of the module's registry: the other tests keep their intact v1."""
+    home = tmp_path / "home"
+    shutil.copytree(env["DYNRAY_HOME"], home)
+    env = clean_env(home)
+    f = home / "models" / "dynnet-mnist-5k" / "v1" / "model.safetensors"
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0x55
     f.write_bytes(bytes(data))
     p = run([DYNRAY, "bench", "core", "--model", "dynnet-mnist-5k:v1", "--json", "x.json"], env)
     assert p.returncode == 2 and "model.safetensors" in p.stderr and "Traceback" not in p.stderr
+
+
+JOBS = sorted(p.stem for p in (ROOT / "jobs").glob("*.py") if not p.stem.startswith("_"))
+HELP = [[], ["demo"], ["train"], ["finetune"], ["calibrate"], ["bench"], *[["bench", s] for s in ("core", "serve", "router", "moe", "nas")],
+        ["router", "train"], ["router", "cache"], ["router"], ["nas", "run"], ["models"], ["serve"], ["submit"]]
+
+
+def test_every_job_module_runs_as_python_m_with_help(env):
+    """Each `python -m jobs.X --help` through its real ``__main__`` block, in one interpreter
+    (runpy runs the module as __main__, as ``python -m`` does): exit 0 and a usage line."""
+    script = (
+        "import contextlib, io, runpy, sys\n"
+        f"for m in {JOBS!r}:\n"
+        "    sys.argv = [m, '--help']; buf = io.StringIO()\n"
+        "    try:\n"
+        "        with contextlib.redirect_stdout(buf): runpy.run_module('jobs.' + m, run_name='__main__', alter_sys=True)\n"
+        "        code = 'no exit'\n"
+        "    except SystemExit as e:\n"
+        "        code = e.code\n"
+        "    print(m, code, 'usage:' in buf.getvalue(), flush=True)\n"
+    )
+    p = run([sys.executable, "-c", script], env, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = dict((line.split()[0], line.split()[1:]) for line in p.stdout.splitlines() if line.split() and line.split()[0] in JOBS)
+    assert got == {m: ["0", "True"] for m in JOBS}, p.stdout[-3000:]
+
+
+@pytest.mark.parametrize("args", HELP, ids=lambda a: " ".join(a) or "dynray")
+def test_every_dynray_command_has_help(args, env, monkeypatch, capsys):
+    rc, out, err = _cli([*args, "--help"], env, monkeypatch, capsys)
+    assert rc == 0, err
+    assert "usage:" in out and len(out.splitlines()) >= 3 or (args == ["router"] and "usage:" in out)

@@ -102,6 +102,58 @@ class _IndexRule:
         return m
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_stage_ranges_chained_one_by_one_are_forward_exits(name):
+    """forward_exits is the range [0, K); K one-stage ranges, each resuming from the last's
+    continuation, give the same logits, exits and MACs bit for bit."""
+    cfg = CONFIGS[name]
+    model = build(cfg).eval()
+    x = _input(cfg, n=40)
+    rule = _IndexRule(stop_at={0: 10, 1: 7, 2: 5})  # a mix of exits, stage by stage
+    ref = model.forward_exits(x, rule)
+    K = model.num_exits
+    logits = torch.full_like(ref.logits, float("nan"))
+    exit_index = torch.full((40,), -1, dtype=torch.int64)
+    macs = torch.zeros(40, dtype=torch.int64)
+    pos = torch.arange(40)  # positions in x of the samples entering the next range
+    h, cx, prev, trace = model.validate_input(x), torch.zeros(40, 0), None, []
+    for k in range(K):
+        r = model.forward_range(h, k, k + 1, rule, cx, prev)
+        assert r.done_exit == ((k,) if r.done else ())
+        for d, lg in zip(r.done, r.done_logits, strict=True):
+            logits[pos[d]] = lg
+            exit_index[pos[d]] = k
+        assert torch.equal(r.exit_index, torch.full((pos.numel(),), k))  # left here, or ran through exit k
+        macs[pos] += r.macs
+        trace += r.stage_batch
+        if r.cont is None:
+            assert k == K - 1 or sum(rule.stop_at.get(j, 0) for j in range(k + 1)) >= 40
+            break
+        c = r.cont
+        assert c.h.shape[0] == c.complexity.shape[0] == c.prev_pred.shape[0] == c.logits.shape[0] == c.positions.numel()
+        assert torch.equal(c.prev_pred, c.logits.argmax(dim=1))
+        pos, h, cx, prev = pos[c.positions], c.h, c.complexity, c.prev_pred
+    assert k == K - 1, "the last exit answers every sample still running"
+    assert torch.equal(logits, ref.logits) and torch.equal(exit_index, ref.exit_index) and torch.equal(macs, ref.macs)
+    assert tuple(trace) == ref.stage_batch
+    assert torch.bincount(ref.exit_index, minlength=K).tolist()[: K - 1] == [rule.stop_at[j] for j in range(K - 1)]
+
+
+def test_range_output_groups_answers_by_exit(tiny_cnn):
+    x = _input(tiny_cnn.cfg, n=16)
+    r = tiny_cnn.forward_range(x, 0, 2, _IndexRule(stop_at={0: 6, 1: 4}), torch.zeros(16, 0))
+    # groups in stage order, positions of the batch that entered, no sample twice
+    assert r.done_exit == (0, 1) and [d.numel() for d in r.done] == [6, 4]
+    assert torch.equal(r.done[0], torch.arange(6)) and torch.equal(r.done[1], torch.arange(6, 10))
+    assert torch.equal(r.cont.positions, torch.arange(10, 16))
+    assert r.exit_index.tolist() == [0] * 6 + [1] * 10  # the continuing ones ran through exit 1 = stop-1
+    cum = tiny_cnn.mac_profile.cumulative
+    assert r.macs.tolist() == [cum[0]] * 6 + [cum[1]] * 10
+    assert r.stage_batch == (16, 10) and r.rerouted is None
+    everyone = tiny_cnn.forward_range(x, 0, 2, StopAtExit(exit=0), torch.zeros(16, 0))
+    assert everyone.cont is None and everyone.stage_batch == (16,) and everyone.done_exit == (0,)
+
+
 def test_forward_exits_equals_simulation_on_cached_outputs(tiny_cnn):
     x = torch.rand(200, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     y = torch.randint(0, 10, (200,), generator=torch.Generator().manual_seed(4))

@@ -383,27 +383,54 @@ def test_tune_thresholds_stops_everything_at_a_huge_cost_weight():
 
 
 # -------------------------------------------------------------------------------------- rollout
+# Path prices by hand from the definition (DESIGN.md §3): cost = the sum over the devices a
+# sample touched of its MACs there / 1e6 x the device's cost per million MACs (edge 1 unit,
+# cloud 4); latency = each call's round trip (edge 5 ms, cloud 40 ms) + stage time / speed
+# (edge 0.25, cloud 1). COSTS: stage (+ exit head) MACs 129216, 326784, 2710144 and times
+# 0.15, 0.07, 0.2 ms; the edge hosts stages 0 and 1.
+COST_EXIT0_EDGE = 0.129216  # 129216 / 1e6 * 1
+COST_EXIT1_EDGE = 0.456  # (129216 + 326784) / 1e6 * 1
+COST_EXIT2_VIA_EDGE = 11.296576  # 0.456 on the edge + 2710144 / 1e6 * 4 = 10.840576 on the cloud
+COST_EXIT2_OFFLOADED = 12.276928  # 0.129216 on the edge + (326784 + 2710144) / 1e6 * 4 = 12.147712 on the cloud
+
+
+def _all(value: float) -> torch.Tensor:
+    return torch.full((N,), value, dtype=torch.float64)
+
+
 def test_rollout_always_stop():
-    w = CostWeights()
-    p = rollout(REC, COSTS, always(STOP), w)
-    first = COSTS.run(0, "edge", TierLoad(), new_call=True)
+    p = rollout(REC, COSTS, always(STOP), CostWeights())
     assert (p.exit_index == 0).all() and not p.tier.any() and not p.offloaded.any()
-    assert torch.allclose(p.cost, torch.full((N,), first.cost, dtype=torch.float64))
-    assert torch.allclose(p.latency_ms, torch.full((N,), first.latency_ms, dtype=torch.float64))
+    torch.testing.assert_close(p.cost, _all(COST_EXIT0_EDGE), rtol=1e-12, atol=0)
+    torch.testing.assert_close(p.latency_ms, _all(5.6), rtol=1e-12, atol=0)  # 5 ms + 0.15 ms / 0.25
+    torch.testing.assert_close(p.macs, _all(129216.0), rtol=0, atol=0)
     assert p.accuracy == pytest.approx(REC.exit_accuracy()[0])
 
 
 def test_rollout_always_offload():
     p = rollout(REC, COSTS, always(OFFLOAD), CostWeights())
     assert (p.exit_index == K - 1).all() and p.tier.all() and p.offloaded.all()
-    c = COSTS.run(0, "edge", TierLoad(), new_call=True).cost + COSTS.run(1, "cloud", TierLoad(), new_call=True).cost + COSTS.run(2, "cloud", TierLoad(), new_call=False).cost
-    assert torch.allclose(p.cost, torch.full((N,), c, dtype=torch.float64))
+    torch.testing.assert_close(p.cost, _all(COST_EXIT2_OFFLOADED), rtol=1e-12, atol=0)
+    # edge call 5 + 0.15 / 0.25, then one cloud call for stages 1 and 2: 40 + 0.07 + 0.2
+    torch.testing.assert_close(p.latency_ms, _all(45.87), rtol=1e-12, atol=0)
     assert p.accuracy == pytest.approx(REC.exit_accuracy()[-1])
 
 
 def test_rollout_continue_is_not_an_offload():
     p = rollout(REC, COSTS, always(CONTINUE), CostWeights())
     assert (p.exit_index == K - 1).all() and p.tier.all() and not p.offloaded.any()
+    torch.testing.assert_close(p.cost, _all(COST_EXIT2_VIA_EDGE), rtol=1e-12, atol=0)
+    # edge call 5 + (0.15 + 0.07) / 0.25, then a cloud call for stage 2: 40 + 0.2
+    torch.testing.assert_close(p.latency_ms, _all(46.08), rtol=1e-12, atol=0)
+
+
+def test_rollout_prices_each_path_by_the_devices_it_touched():
+    p = rollout(REC, COSTS, threshold_decide(RULE), CostWeights())
+    by_exit = {0: COST_EXIT0_EDGE, 1: COST_EXIT1_EDGE, 2: COST_EXIT2_VIA_EDGE}
+    assert torch.bincount(p.exit_index, minlength=K).gt(0).all()  # every path is taken
+    want = torch.tensor([by_exit[int(k)] for k in p.exit_index], dtype=torch.float64)
+    torch.testing.assert_close(p.cost, want, rtol=1e-12, atol=0)
+    assert torch.equal(p.tier, p.exit_index == 2)
 
 
 def test_slow_cloud_raises_latency_only_for_cloud_samples():

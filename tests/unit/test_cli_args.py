@@ -1,0 +1,30 @@
+"""How `dynray` splits its own arguments from a job's (no Ray, no subprocess)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dynray.cli import _split_submit
+from dynray.flags import UsageError
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--address", "http://h:8265", "--", "--epochs", "1"],
+    ["--address", "http://h:8265", "train", "--epochs", "1"],
+    ["train", "--epochs", "1", "--address=http://h:8265"],
+    ["train", "--address", "http://h:8265", "--epochs", "1"],
+])
+def test_submit_finds_address_wherever_it_stands(args):
+    own, rest = _split_submit(args, "dynray submit")
+    assert own["address"] == "http://h:8265"
+    assert rest == ["train", "--epochs", "1"]
+
+
+def test_after_the_separator_everything_is_the_jobs():
+    own, rest = _split_submit(["nas", "--env", "A=1", "--", "--address", "x", "--trials", "2"], "dynray submit")
+    assert own == {"env": ["A=1"]} and rest == ["nas", "--address", "x", "--trials", "2"]
+
+
+def test_a_flag_without_its_value_is_refused():
+    with pytest.raises(UsageError, match="--address needs a value"):
+        _split_submit(["train", "--address"], "dynray submit")
