@@ -4,43 +4,42 @@
 bound to each other). ``args.system`` picks the dynray graph or one of the baselines the
 serving benchmark compares against: ``all_cloud`` (the plain full model on one cloud
 deployment), ``edge_only`` (the plain full model on the edge tier) and ``noop`` (the
-overhead floor). The ingress only wires things: request decoding is
-:mod:`dynray.serving.payload`, routing and failover :mod:`dynray.serving.failover`, the A/B split
-:mod:`dynray.serving.split`.
+overhead floor). The ingress only wires things: what it answers is
+:class:`dynray.serving.ingress.IngressCore` (body reading, decoding, statuses, metrics),
+routing and failover :mod:`dynray.serving.failover`; with several ingress replicas they
+share their view of the tiers through the ``RoutingState`` deployment
+(:mod:`dynray.serving.routing_state`), synced in the background, off the request path.
 """
 
 import asyncio
 import logging
 import time
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
+from starlette.requests import ClientDisconnect
 
 from actors.device import Device
 from actors.expert import ExpertHost
+from actors.routing_state import RoutingState
+from dynray.errors import RequestError
+from dynray.registry import default_home
 from dynray.serving import metrics as M
-from dynray.errors import DynrayError, RequestError
-from dynray.serving.failover import DeviceCall, FailoverConfig, Orchestrator
+from dynray.serving.config import CLOUD, EDGE, INGRESS, NOOP, ROUTING_STATE, AppArgs, IngressUserConfig, TierArgs, expert_name
+from dynray.serving.failover import DeviceCall
+from dynray.serving.ingress import REQUEST_ID_HEADER, IngressCore, Reply, build_plan
 from dynray.serving.partition import DeviceReply, DeviceRequest, group_requests, split_reply
-from dynray.serving.payload import ErrorResponse, PayloadLimits, PredictRequest, PredictResponse, decode_request
-from dynray.registry import ModelRegistry, default_home
-from dynray.routing.costs import RouteCosts
-from dynray.routing.features import CostWeights
-from dynray.routing.policy import find_policy
-from dynray.routing.rules import ROUTERS, RouteContext
-from dynray.serving.scheduling import NoDeviceAvailable, get_policy, request_cost
-from dynray.serving.config import CLOUD, EDGE, INGRESS, NOOP, AppArgs, IngressUserConfig, TierArgs, expert_name
-from dynray.serving.split import TrafficSplit
+from dynray.serving.payload import ErrorResponse, PredictRequest, PredictResponse
+from dynray.serving.routing_state import ReplicaSync
+from dynray.serving.scheduling import get_policy
 
 __all__ = ["build_app", "Ingress", "Noop", "api"]
 
 log = logging.getLogger(__name__)
-RETRY_AFTER_S = 1
 
 api = FastAPI(
     title="dynray",
@@ -53,87 +52,138 @@ def _home(home: str | None) -> str:
     return str(default_home(home))
 
 
+async def _result(resp, timeout_s: float | None = None):
+    """Await a DeploymentResponse; when a timeout (or the caller) abandons it, stop the work on the replica (RAY_NOTES §1d)."""
+    try:
+        if timeout_s is None:
+            return await resp
+        return await asyncio.wait_for(_result(resp), timeout_s)
+    except (asyncio.CancelledError, TimeoutError):
+        resp.cancel()
+        raise
+
+
 def _device_call(handle: DeploymentHandle) -> DeviceCall:
     async def call(req):
-        resp = handle.run.remote(req)
-        try:
-            return await resp
-        except asyncio.CancelledError:  # a timeout abandoned it: stop the work on the replica (RAY_NOTES §1d)
-            resp.cancel()
-            raise
+        return await _result(handle.run.remote(req))
 
     return call
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+class _Failed:
+    """One coalesced group's device call failed: every request in it gets this error."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error if isinstance(error, Exception) else RuntimeError(f"edge call ended with {type(error).__name__}")
+
+
+class _ServeMetrics:
+    """``dynray.serving.metrics.MetricsSink`` on ``ray.serve.metrics`` (exported as ``ray_<name>``)."""
+
+    def __init__(self) -> None:
+        self._c = {n: Counter(n, description=d, tag_keys=k) for n, (d, k) in M.COUNTERS.items()}
+        self._h = {n: Histogram(n, description=d, boundaries=b, tag_keys=k) for n, (d, k, b) in M.HISTOGRAMS.items()}
+
+    def inc(self, name: str, value: float = 1.0, tags=None) -> None:
+        self._c[name].inc(value, tags=dict(tags) if tags else None)
+
+    def observe(self, name: str, value: float, tags=None) -> None:
+        self._h[name].observe(value, tags=dict(tags) if tags else None)
+
+
+def _respond(reply: Reply) -> JSONResponse:
+    # Serve's proxy puts the request's X-Request-Id (the one IngressCore read) on every response itself
+    headers = {k: v for k, v in reply.headers.items() if k != REQUEST_ID_HEADER}
+    return JSONResponse(reply.body, status_code=reply.status, headers=headers)
+
+
+async def _chunks(request: Request):
+    """The body as it arrives; a client that hangs up mid-body is its own 400, not our 500."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect:
+        raise RequestError("client disconnected before the body was complete", status=400, fix="send the whole body") from None
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (a test): one local origin
+        return "local"
 
 
 @serve.ingress(api)
 class Ingress:
-    """HTTP API of DESIGN.md: validation, A/B split, scheduling, failover, metrics."""
+    """HTTP API of DESIGN.md: the endpoints of ``IngressCore``, device calls, the routing-state sync."""
 
-    def __init__(self, args: dict, edge: DeploymentHandle | None = None, cloud: DeploymentHandle | None = None) -> None:
+    def __init__(self, args: dict, edge: DeploymentHandle | None = None, cloud: DeploymentHandle | None = None, state: DeploymentHandle | None = None) -> None:
         self.args = AppArgs.model_validate(args)
         self.handles = {"edge": edge, "cloud": cloud}
         self._edge_call = _device_call(edge) if edge is not None else None
+        self._cloud_call = _device_call(cloud) if cloud is not None else None
         self._edge_coalesced.set_batch_wait_timeout_s(self.args.coalesce_wait_ms / 1000)
         self.policy = get_policy(self.args.policy)
-        self.orch: Orchestrator | None = None
-        self.split: TrafficSplit | None = None
-        self.limits: PayloadLimits | None = None
-        self._requests = Counter(M.REQUESTS, description="answered predict requests", tag_keys=(M.TAG_VERSION, M.TAG_PATH))
-        self._samples = Counter(M.SAMPLES, description="answered samples", tag_keys=(M.TAG_VERSION, M.TAG_TIER))
-        self._escalated = Counter(M.ESCALATED, description="samples escalated to the cloud", tag_keys=(M.TAG_VERSION,))
-        self._degraded = Counter(M.DEGRADED, description="samples answered degraded", tag_keys=(M.TAG_VERSION,))
-        self._unavailable = Counter(M.FAILOVERS, description="requests answered 503")
-        self._rejected = Counter(M.REJECTED, description="4xx answers", tag_keys=(M.TAG_STATUS,))
-        self._latency = Histogram(M.LATENCY_MS, description="ingress latency", boundaries=M.LATENCY_BOUNDARIES_MS, tag_keys=(M.TAG_VERSION,))
+        self.replica = _replica_id()
+        self.core = IngressCore(self.args, _ServeMetrics(), tiers=tuple(t for t, h in self.handles.items() if h is not None))
         self._status_cache: tuple[float, dict] = (0.0, {})
+        self._state = state
+        # Serve runs the constructor on the replica's event loop; the sync never blocks a request
+        self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever()) if state is not None else None
 
     def reconfigure(self, user_config: dict) -> None:
         """New versions or split: resolve refs, check they agree, rebuild the plan (no restart)."""
-        cfg = IngressUserConfig(**user_config)
-        reg = ModelRegistry(_home(cfg.home or self.args.home))
-        infos = [reg.resolve(ref) for ref in cfg.models]
-        shapes = {tuple(i.meta["config"]["input_shape"]) for i in infos}
-        if len(shapes) != 1:
-            raise DynrayError("served versions must share one input shape", got=sorted(shapes), fix="serve models trained on the same dataset")
-        macs = infos[0].meta["macs"]
-        k = self.args.edge_stages
-        cum_edge = sum(macs["stage"][:1]) + macs["exit"][0]  # start estimate: every sample leaves at the first exit
-        self.split = TrafficSplit.of([i.ref for i in infos], cfg.weights)
-        found = {i.ref: find_policy(reg, i) for i in infos}
-        self.routers = {ref: (r.ref if r is not None else None) for ref, r in found.items()}
-        # the call times the routers were trained with (their "normal"); see Orchestrator.load_snapshot
-        costs = next((r.meta["costs"] for r in found.values() if r is not None and r.meta.get("costs")), None)
-        self.nominal_ms = {t: RouteCosts.from_dict(costs).typical_call_ms(t) for t in ("edge", "cloud")} if costs else None
-        self.weights = CostWeights(cost=self.args.lambda_cost, lat=self.args.lambda_lat)
-        self.limits = PayloadLimits(input_shape=shapes.pop(), max_items=self.args.max_items, max_body_bytes=self.args.max_body_bytes)
-        self.profiles = {t: getattr(self.args, t).device_profile(t) for t in ("edge", "cloud")}
-        self.orch = Orchestrator(
-            FailoverConfig(deadline_s=self.args.deadline_ms / 1000, edge_timeout_s=self.args.edge_timeout_ms / 1000, cloud_timeout_s=self.args.cloud_timeout_ms / 1000),
-            self.policy,
-            edge=self._edge_coalesced if self.handles["edge"] else None,
-            cloud=_device_call(self.handles["cloud"]) if self.handles["cloud"] else None,
-            edge_stages=k,
-            edge_macs=cum_edge,
-            cloud_rest_macs=sum(macs["stage"][k:]) + sum(macs["exit"][k:]),
-            full_macs=macs["full"],
-            profiles=self.profiles,
-        )
+        plan = build_plan(self.args, IngressUserConfig(**user_config), self.policy, edge=self._edge if self._edge_call else None,
+                          cloud=self._cloud_call, origin=self.replica, previous=self.core.plan)
+        self.core.configure(plan)
+
+    async def _sync_forever(self) -> None:
+        """Every period: push this replica's view of the tiers to RoutingState, apply the merge."""
+        sync, period, failing = ReplicaSync(self.replica), self.args.routing_sync_period_s, False
+        while True:
+            await asyncio.sleep(period)
+            orch = self.core.orch
+            if orch is None:
+                continue
+            try:
+                shared = await _result(self._state.sync.remote(sync.observation(orch, orch.clock())), max(2.0, 4 * period))
+                sync.apply(orch, shared, orch.clock())
+                if failing:
+                    log.info("routing state reachable again")
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the replica keeps routing on its own view meanwhile
+                if not failing:
+                    log.warning("routing state sync failed (%s: %s); routing on this replica's own view until it is back", type(e).__name__, str(e)[:200])
+                failing = True
+
+    def __del__(self) -> None:
+        if getattr(self, "_sync_task", None) is not None:
+            self._sync_task.cancel()
+
+    async def _edge(self, req: DeviceRequest) -> DeviceReply:
+        out = await self._edge_coalesced(req)
+        if isinstance(out, _Failed):
+            raise out.error
+        return out
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0, max_concurrent_batches=16)
-    async def _edge_coalesced(self, reqs: list[DeviceRequest]) -> list[DeviceReply]:
+    async def _edge_coalesced(self, reqs: list[DeviceRequest]) -> list[DeviceReply | _Failed]:
         """Concurrent HTTP requests bound for the edge share one device call per version.
 
         Every hop costs RPC work on both ends; coalescing divides the ingress->edge part by
-        the batch size. A failed call fails every request in it, and each is retried on its own.
+        the batch size. A failed call fails the requests in it (one failure for the breaker:
+        they were in flight together), and each is retried on its own.
         """
         groups = group_requests(reqs)
-        replies = await asyncio.gather(*(self._edge_call(merged) for merged, _, _ in groups))
-        out: list[DeviceReply | None] = [None] * len(reqs)
+        replies = await asyncio.gather(*(self._edge_call(merged) for merged, _, _ in groups), return_exceptions=True)
+        out: list[DeviceReply | _Failed | None] = [None] * len(reqs)
         for (_, idx, sizes), reply in zip(groups, replies, strict=True):
+            if isinstance(reply, BaseException):
+                for i in idx:
+                    out[i] = _Failed(reply)
+                continue
             for i, part in zip(idx, split_reply(reply, sizes), strict=True):
                 out[i] = part
         return out
@@ -141,75 +191,20 @@ class Ingress:
     @api.post(
         "/v1/predict",
         response_model=PredictResponse,
-        responses={s: {"model": ErrorResponse} for s in (400, 413, 415, 422, 503)},
+        responses={s: {"model": ErrorResponse} for s in (400, 413, 415, 422, 500, 503)},
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}},
     )
     async def predict(self, request: Request) -> JSONResponse:
-        t0 = time.perf_counter()
-        try:
-            declared = int(request.headers.get("content-length") or 0)
-            if declared > self.limits.max_body_bytes:  # refuse before reading a huge body
-                raise RequestError("request body too large", status=413, got=declared, fix=f"send at most {self.limits.max_body_bytes} bytes; split the batch")
-            dec = decode_request(await request.body(), request.headers.get("content-type"), self.limits)
-            router = dec.router or self.args.router
-            if router not in ROUTERS:
-                raise RequestError("unknown router", status=422, got=router, fix=f"use one of {', '.join(ROUTERS)} or omit it")
-            version = self.split.pick(dec.model_version)
-            if router == "ppo" and self.routers.get(version) is None:
-                raise RequestError(f"no PPO router is registered for {version}", status=422, got=router, fix=f"train one with `dynray router train --model {version}`, or ask for 'hybrid' (falls back to thresholds) or 'thresholds'")
-        except RequestError as e:
-            self._rejected.inc(tags={M.TAG_STATUS: str(e.status)})
-            return _error(e.status, e.message)
-        route = None if router == "thresholds" else RouteContext(router, self.orch.load_snapshot(self.nominal_ms), self.weights)
-        try:
-            ans = await self.orch.answer(dec.images, version, route)
-        except NoDeviceAvailable as e:
-            self._unavailable.inc()
-            return _error(503, e.message, {"Retry-After": str(RETRY_AFTER_S)})
-        probs = torch.softmax(ans.logits, dim=1)
-        macs_by_tier = {t: m.double() for t, m in ans.macs.items()}
-        total_macs = sum(macs_by_tier.values())
-        cost = request_cost({t: float(m.sum()) for t, m in macs_by_tier.items()}, self.profiles)
-        self._record(version, ans)
-        latency_ms = (time.perf_counter() - t0) * 1000
-        self._latency.observe(latency_ms, tags={M.TAG_VERSION: version})
-        return JSONResponse(
-            {
-                "predictions": probs.argmax(dim=1).tolist(),
-                "probabilities": probs.tolist(),
-                "exit": ans.exit_index.tolist(),
-                "tier": ans.tier,
-                "model_version": version,
-                "router": router,
-                "degraded": bool(ans.degraded.any() or ans.rerouted.any()),
-                "latency_ms": latency_ms,
-                "degraded_mask": ans.degraded.tolist(),
-                "expert_rerouted": ans.rerouted.tolist(),
-                "macs": total_macs.long().tolist(),
-                "cost": cost,
-                "path": ans.path,
-            }
-        )
-
-    def _record(self, version: str, ans) -> None:
-        self.split.record(version)
-        self._requests.inc(tags={M.TAG_VERSION: version, M.TAG_PATH: ans.path})
-        for tier in set(ans.tier):
-            self._samples.inc(ans.tier.count(tier), tags={M.TAG_VERSION: version, M.TAG_TIER: tier})
-        if ans.escalated:
-            self._escalated.inc(ans.escalated, tags={M.TAG_VERSION: version})
-        n_deg = int(ans.degraded.sum())
-        if n_deg:
-            self._degraded.inc(n_deg, tags={M.TAG_VERSION: version})
+        return _respond(await self.core.predict(_chunks(request), request.headers))
 
     def _deployments(self) -> dict:
         """Replica states per deployment from the controller, cached for a second."""
         at, cached = self._status_cache
         if time.monotonic() - at < 1.0:
             return cached
-        app = serve.get_replica_context().app_name
         out = {}
         try:
+            app = serve.get_replica_context().app_name
             for name, d in serve.status().applications[app].deployments.items():
                 out[name] = {"status": str(d.status.value), "replicas": {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()}}
         except Exception as e:  # noqa: BLE001 - health must answer even if the controller is busy
@@ -218,22 +213,12 @@ class Ingress:
         return out
 
     @api.get("/v1/health")
-    async def health(self) -> JSONResponse:
-        deps = self._deployments()
-        tiers = {}
-        for tier, name in (("edge", EDGE), ("cloud", CLOUD)):
-            if self.handles[tier] is None:
-                continue
-            running = deps.get(name, {}).get("replicas", {}).get("RUNNING", 0)
-            tiers[tier] = {"up": running > 0 and self.orch.views[tier].available(time.monotonic()), "replicas": running}
-        ready = self.orch is not None and any(t["up"] for t in tiers.values())
-        body = {"status": "ok" if ready else "unavailable", "ready": ready, "tiers": tiers, "deployments": deps}
-        return JSONResponse(body, status_code=200 if ready else 503)
+    async def health(self, request: Request) -> JSONResponse:
+        return _respond(self.core.health(self._deployments(), request.headers))
 
     @api.get("/v1/models")
-    async def models(self) -> JSONResponse:
-        return JSONResponse({**self.split.describe(), "system": self.args.system, "policy": self.args.policy, "edge_stages": self.args.edge_stages,
-                             "router": self.args.router, "ppo_routers": self.routers, "router_load": self.orch.load_snapshot(self.nominal_ms).__dict__})
+    async def models(self, request: Request) -> JSONResponse:
+        return _respond(self.core.models(request.headers))
 
 
 @serve.deployment(name=NOOP, max_ongoing_requests=64, graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=1)
@@ -272,11 +257,11 @@ def _device(tier: str, name: str, t: TierArgs, args: AppArgs, home: str, *, last
             "max_replicas": t.max_replicas,
             "initial_replicas": t.initial_replicas or max(t.min_replicas, 1),
             "target_ongoing_requests": t.target_ongoing_requests,
-            "upscale_delay_s": 3.0,
-            "downscale_delay_s": 30.0,
             # react within seconds: Serve's defaults (10 s metrics, 30 s look-back) suit slower traffic shifts
-            "metrics_interval_s": 2.0,
-            "look_back_period_s": 10.0,
+            "upscale_delay_s": t.upscale_delay_s,
+            "downscale_delay_s": t.downscale_delay_s,
+            "metrics_interval_s": t.metrics_interval_s,
+            "look_back_period_s": t.look_back_period_s,
         },
         ray_actor_options={"num_cpus": t.num_cpus, "resources": t.resources or {tier: 1}},
         health_check_period_s=args.health_check_period_s,
@@ -321,13 +306,25 @@ def build_app(args: AppArgs | dict):
         cloud = _device("cloud", CLOUD, args.cloud, args, home, last_stage=None, full=True, experts=experts)
     else:  # edge_only: the plain full model on edge devices
         edge = _device("edge", EDGE, args.edge, args, home, last_stage=None, full=True, experts=experts)
+    state = None
+    if args.ingress_replicas > 1:  # one replica needs nobody to share with
+        state = serve.deployment(
+            name=ROUTING_STATE,
+            num_replicas=1,
+            max_ongoing_requests=256,
+            ray_actor_options={"num_cpus": 0},
+            health_check_period_s=args.health_check_period_s,
+            graceful_shutdown_wait_loop_s=0.1,
+            graceful_shutdown_timeout_s=1.0,
+        )(RoutingState).bind(expire_s=max(3.0, 6 * args.routing_sync_period_s))
     ingress = serve.deployment(
         name=INGRESS,
         num_replicas=args.ingress_replicas,
         max_ongoing_requests=args.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
         user_config={"models": list(args.models), "weights": args.weights, "home": home},
+        health_check_period_s=args.health_check_period_s,
         graceful_shutdown_wait_loop_s=0.1,
         graceful_shutdown_timeout_s=1.0,
     )(Ingress)
-    return ingress.bind(args.model_dump(), edge, cloud)
+    return ingress.bind(args.model_dump(), edge, cloud, state)

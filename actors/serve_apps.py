@@ -13,17 +13,34 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import pydantic
 import ray
 import yaml
 from ray.serve._private import api as _serve_api  # the same entry points `serve run CONFIG` uses
 from ray.serve.schema import ServeDeploySchema
 
-from dynray.errors import ServingError
-from dynray.serving.config import CLOUD, EDGE, INGRESS, AppArgs, expert_name
+from dynray.errors import ConfigError, ServingError
+from dynray.registry import ModelRegistry, default_home
+from dynray.serving.config import CLOUD, EDGE, INGRESS, AppArgs, DeviceUserConfig, IngressUserConfig, expert_name
+from dynray.serving.split import TrafficSplit
 
-__all__ = ["load_config", "app_config", "deploy", "wait_running", "roll", "delete_apps", "shutdown", "app_status", "check_resources"]
+__all__ = [
+    "load_config",
+    "app_config",
+    "prepare_config",
+    "check_versions",
+    "check_roll",
+    "deploy",
+    "wait_running",
+    "roll",
+    "delete_apps",
+    "shutdown",
+    "app_status",
+    "check_resources",
+]
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,33 +147,130 @@ def wait_running(names: list[str], *, timeout_s: float = 120.0) -> None:
         time.sleep(0.25)
 
 
+def _entry(config: dict, app: str) -> dict:
+    entry = next((a for a in config.get("applications", []) if a["name"] == app), None)
+    if entry is None:
+        raise ServingError("no such app in the config", got=app, fix=f"apps: {', '.join(a['name'] for a in config.get('applications', []))}")
+    return entry
+
+
+def _invalid(what: str, e: pydantic.ValidationError, fix: str) -> ConfigError:
+    got = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'value'}: {err['msg']}" for err in e.errors())
+    return ConfigError(what, got=got, fix=fix)
+
+
+def check_versions(home: str | None, models: Sequence[str], weights: Sequence[float] | None) -> list[str]:
+    """Resolve and verify ``models`` in the registry at ``home`` and check the A/B split;
+    return the concrete refs (``name:vN``). Raises a DynrayError naming the fix; touches no Ray."""
+    if not models:
+        raise ConfigError("no model versions to serve", fix="pass --model NAME:vN (repeat it for A/B)")
+    reg = ModelRegistry(default_home(home))
+    infos = [reg.verify(m) for m in models]  # unknown refs, missing or corrupt files
+    for m, info in zip(models, infos, strict=True):
+        if info.meta.get("kind") != "dynamic_net":
+            raise ConfigError("not a servable model", got=f"{m} -> {info.ref} ({info.meta.get('kind')})", fix="serve a model registered by `dynray train` (see `dynray models list`)")
+    refs = [i.ref for i in infos]
+    TrafficSplit.of(refs, None if weights is None else [float(w) for w in weights])  # counts, duplicates, signs
+    shapes = sorted({tuple(i.meta["config"].get("input_shape", ())) for i in infos})
+    if len(shapes) != 1:
+        raise ConfigError("served versions must share one input shape", got=shapes, fix="serve models trained on the same dataset")
+    return refs
+
+
+def _is_device(name: str) -> bool:
+    """Deployments that host model versions (their ``user_config`` is a DeviceUserConfig)."""
+    return name in (EDGE, CLOUD) or (name.startswith("Expert") and name[len("Expert"):].isdigit())
+
+
+def _with_versions(config: dict, app: str, device_models: list[str], ingress_models: list[str], weights: list[float] | None) -> dict:
+    """``config`` with ``app``'s ingress serving ``ingress_models`` at ``weights`` and its devices hosting ``device_models``."""
+    cfg = copy.deepcopy(config)
+    for d in _entry(cfg, app).get("deployments", []):
+        if d["name"] == INGRESS:
+            d["user_config"] = {**d.get("user_config", {}), "models": list(ingress_models), "weights": weights}
+        elif _is_device(d["name"]):
+            d["user_config"] = {**d.get("user_config", {}), "models": list(device_models)}
+    return cfg
+
+
+def _check_config(config: dict) -> None:
+    """Every app's args and every deployment's ``user_config`` as the replicas will parse them."""
+    try:
+        for app in config.get("applications", []):
+            AppArgs.model_validate(app.get("args", {}))
+            for d in app.get("deployments", []):
+                if d["name"] == INGRESS:
+                    IngressUserConfig.model_validate(d.get("user_config", {}))
+                elif _is_device(d["name"]):
+                    DeviceUserConfig.model_validate(d.get("user_config", {}))
+        ServeDeploySchema.model_validate(_with_expert_entries(config))
+    except pydantic.ValidationError as e:
+        raise _invalid("the Serve config is invalid", e, "fix the named field in the config file or the flags") from None
+
+
+def prepare_config(config: dict, *, home: str, models: Sequence[str] = (), weights: Sequence[float] | None = None, port: int | None = None) -> dict:
+    """The config ``dynray serve up`` deploys: the first app serves ``models`` (default: the
+    config's) at ``weights`` from the registry at ``home``, pinned to concrete versions, on
+    ``port``; checked in full (registry, split, args, user_configs) before any Ray call."""
+    cfg = copy.deepcopy(config)
+    app = cfg["applications"][0]
+    w = None if weights is None else [float(x) for x in weights]
+    refs = check_versions(home, list(models) or app.get("args", {}).get("models", ["production"]), w)
+    app.setdefault("args", {}).update(home=home, models=refs, weights=w)
+    if port:
+        cfg["http_options"] = {**cfg.get("http_options", {}), "port": port}
+    for d in app.get("deployments", []):
+        if d["name"] == INGRESS or _is_device(d["name"]):
+            d["user_config"] = {**d.get("user_config", {}), "models": refs, "home": home, **({"weights": w} if d["name"] == INGRESS else {})}
+    _check_config(cfg)
+    return cfg
+
+
+def check_roll(config: dict, app: str, models: Sequence[str], weights: Sequence[float] | None = None) -> list[str]:
+    """Everything a roll of ``app`` to ``models`` at ``weights`` needs, checked without
+    touching Serve: the versions (:func:`check_versions`), and the args and user_configs the
+    replicas will get. Returns the concrete refs."""
+    entry = _entry(config, app)
+    try:
+        home = AppArgs.model_validate(entry.get("args", {})).home
+    except pydantic.ValidationError as e:
+        raise _invalid("the applied config's args are invalid", e, "`dynray serve down`, then `dynray serve up` again") from None
+    w = None if weights is None else [float(x) for x in weights]
+    refs = check_versions(home, models, w)
+    final = _with_versions(config, app, refs, refs, w)
+    _entry(final, app)["args"] = {**entry.get("args", {}), "models": refs, "weights": w}
+    _check_config(final)
+    return refs
+
+
 def roll(config: dict, app: str, models: list[str], weights: list[float] | None = None, *, timeout_s: float = 120.0) -> dict:
     """Zero-downtime version roll of ``app`` to ``models``; returns the final config.
 
-    Three reconfigure steps, each waited for: devices load the new versions next to the
+    Everything is checked first (:func:`check_roll`): a bad roll deploys nothing. Then
+    three reconfigure steps, each waited for: devices load the new versions next to the
     old ones; the ingress moves traffic; devices drop what is no longer served. No replica
     restarts, and at every moment each version the ingress can pick is on every device.
+    If a step fails anyway (say a checkpoint that verifies but does not load), ``config``
+    is applied again, so the app goes back to what it served.
     """
-    entry = next((a for a in config["applications"] if a["name"] == app), None)
-    if entry is None:
-        raise ServingError("no such app in the config", got=app, fix=f"apps: {', '.join(a['name'] for a in config['applications'])}")
-    old = next(d["user_config"]["models"] for d in entry["deployments"] if d["name"] == INGRESS)
-
-    def step(device_models: list[str], ingress_models: list[str], ingress_weights: list[float] | None) -> dict:
-        cfg = copy.deepcopy(config)
-        e = next(a for a in cfg["applications"] if a["name"] == app)
-        for d in e["deployments"]:
-            if d["name"] == INGRESS:
-                d["user_config"] = {**d["user_config"], "models": ingress_models, "weights": ingress_weights}
-            else:
-                d["user_config"] = {**d["user_config"], "models": device_models}
-        deploy(cfg, timeout_s=timeout_s, check=False)
-        return cfg
-
-    both = list(dict.fromkeys([*old, *models]))
-    step(both, old, next(d["user_config"].get("weights") for d in entry["deployments"] if d["name"] == INGRESS))
-    step(both, models, weights)
-    return step(list(models), models, weights)
+    refs = check_roll(config, app, models, weights)
+    w = None if weights is None else [float(x) for x in weights]
+    ingress = next(d["user_config"] for d in _entry(config, app)["deployments"] if d["name"] == INGRESS)
+    old = list(ingress["models"])
+    both = list(dict.fromkeys([*old, *refs]))
+    # only user_configs change: a change of `args` would rebuild the app and restart every replica
+    steps = [_with_versions(config, app, both, old, ingress.get("weights")), _with_versions(config, app, both, refs, w), _with_versions(config, app, refs, refs, w)]
+    try:
+        for cfg in steps:
+            deploy(cfg, timeout_s=timeout_s, check=False)
+    except ServingError as e:
+        log.warning("roll to %s failed (%s); applying the previous config again", refs, e.what)
+        try:
+            deploy(config, timeout_s=timeout_s, check=False)
+        except ServingError as again:
+            raise ServingError(f"roll to {', '.join(refs)} failed, and so did putting the previous versions back", got=again.got, fix="`dynray serve status`; then roll again or `dynray serve down`") from e
+        raise ServingError(f"roll to {', '.join(refs)} failed; the previous versions serve again", got=e.got, fix=e.fix) from e
+    return steps[-1]
 
 
 def delete_apps(names: list[str]) -> None:

@@ -1,13 +1,58 @@
-"""Connecting a job to Ray: attach when submitted, else start a private local instance."""
+"""Connecting a job to Ray, the auth mode its clients use, and a private local Ray head.
+
+Auth (RAY_NOTES §0): ``ray start --head`` turns token auth on by itself whenever a token
+exists (``~/.ray/auth_token``, which any local ``ray.init()`` leaves behind), but
+``ray.init(address=...)`` with an explicit address never turns it on: such a driver talks
+to that head in mode ``disabled``, without the token, and every GCS call fails with
+``InvalidAuthToken``. :func:`ensure_auth_env` settles ``RAY_AUTH_MODE`` in this process's
+environment once, before any head starts or any client connects, so a head started from
+here, its driver and every CLI/SDK client (``JobSubmissionClient``, ``serve``) agree.
+
+A head from :func:`start_local_head` marks its environment with :data:`HEAD_MARK`; every
+process it starts inherits it, workers included (they leave the head's process group), so
+:func:`stop_local_head` finds them all even after the ``ray start`` process is gone.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import ray
+import psutil  # after ray: Ray ships psutil in ray/thirdparty_files and puts it on sys.path
 
-__all__ = ["connect", "free_port"]
+from dynray.errors import ServingError
+
+__all__ = [
+    "AUTH_MODE_VAR",
+    "HEAD_MARK",
+    "connect",
+    "free_port",
+    "ensure_auth_env",
+    "client_env",
+    "LocalHead",
+    "start_local_head",
+    "stop_local_head",
+    "head_processes",
+    "gcs_reachable",
+]
+
+AUTH_MODE_VAR = "RAY_AUTH_MODE"
+HEAD_MARK = "DYNRAY_RAY_HEAD"
+"""Environment variable set (to the head's temp dir) in every process of a local head."""
+HEAD_START_TIMEOUT_S = 90.0
+STOP_GRACE_S = 5.0
 
 
 def connect(num_cpus: int | None = None, *, log_to_driver: bool = True) -> None:
@@ -19,6 +64,7 @@ def connect(num_cpus: int | None = None, *, log_to_driver: bool = True) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
+        ensure_auth_env()
         ray.init(log_to_driver=log_to_driver)
     else:
         # this one node stands in for both device tiers: it offers the `edge` and `cloud`
@@ -31,3 +77,192 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _token_available() -> bool:
+    """Whether Ray finds a token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``)."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    loader = AuthenticationTokenLoader.instance()
+    loader.reset_cache()  # it caches the answer, and a token may have been written since
+    return bool(loader.has_token(ignore_auth_mode=True))
+
+
+def ensure_auth_env(mode: str | None = None, *, create_token: bool = False) -> str:
+    """Settle ``RAY_AUTH_MODE`` for this process and every child it starts; returns the mode.
+
+    An explicit ``RAY_AUTH_MODE`` in the environment always wins. Otherwise ``mode`` (the
+    one a recorded head was started with) is used, else ``token`` if a token exists (what
+    ``ray start --head`` would pick), else ``disabled`` (the variable then stays unset).
+    ``create_token`` generates the default token first when none exists, as ``ray.init()``
+    does for a new local cluster: pass it when about to start a head. Call it before ``ray.init`` and before starting
+    ``ray start`` or any Ray CLI/SDK client.
+    """
+    from ray._private.authentication.authentication_token_setup import generate_and_save_token
+    from ray._raylet import Config
+
+    chosen = os.environ.get(AUTH_MODE_VAR) or mode
+    if create_token and (chosen or "token").lower() == "token" and not _token_available():
+        generate_and_save_token()
+    if chosen is None:
+        if not _token_available():
+            return "disabled"  # what Ray assumes when unset; left unset so a later local ray.init keeps its default
+        chosen = "token"
+    if os.environ.get(AUTH_MODE_VAR) != chosen:
+        os.environ[AUTH_MODE_VAR] = chosen
+        Config.initialize("")  # Ray caches its config at import; re-read it, as Ray's own _enable_token_auth does
+    return chosen.lower()
+
+
+def client_env(*, mode: str | None = None, create_token: bool = False, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a Ray child process (``ray start``, ``serve``, ``ray job``) that
+    agrees with this process on auth, with this interpreter's bin dir first on PATH (so the
+    head's ``python`` is this venv's, RAY_NOTES §7)."""
+    ensure_auth_env(mode, create_token=create_token)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    env.update(extra or {})
+    return env
+
+
+@dataclass(frozen=True)
+class LocalHead:
+    """A ``ray start --head --block`` process this host runs for one client (``dynray serve up``)."""
+
+    pid: int
+    """PID of the ``ray start`` process (leader of the head's process group)."""
+    address: str
+    """GCS address, HOST:PORT."""
+    dashboard: str
+    """Dashboard URL."""
+    temp_dir: str
+    """The head's ``--temp-dir`` (sessions, logs, ``head.log``); removed when it stops."""
+    auth_mode: str
+    """RAY_AUTH_MODE the head and its clients use."""
+
+    def to_state(self) -> dict:
+        d = asdict(self)
+        d["head_pid"] = d.pop("pid")
+        return d
+
+
+def _wait_listening(port: int, head: subprocess.Popen, until: float) -> bool:
+    while time.monotonic() < until:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            if head.poll() is not None:
+                return False
+            time.sleep(0.5)
+    return False
+
+
+def start_local_head(resources: Mapping[str, float], *, cwd: str | Path, timeout_s: float = HEAD_START_TIMEOUT_S) -> LocalHead:
+    """Start a private Ray head in its own session, every port picked free; wait until it serves.
+
+    It outlives this process (stop it with :func:`stop_local_head`). SIGTERM does not make it
+    drain for 30 s first (``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0``): nothing else routes to
+    this one node. If it does not come up, it is stopped and :class:`ServingError` raised.
+    """
+    gcs, dash, agent, agent_grpc, metrics, rt_env, client = (free_port() for _ in range(7))
+    tmp = tempfile.mkdtemp(prefix="dynray-ray-", dir="/tmp")  # unix socket paths must stay short
+    env = client_env(create_token=True, extra={HEAD_MARK: tmp, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(cwd), env.get("PYTHONPATH")) if p)  # import paths of the Serve config
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--include-dashboard=true",
+           f"--resources={json.dumps(dict(resources))}", f"--temp-dir={tmp}", f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}", f"--ray-client-server-port={client}", "--disable-usage-stats"]
+    log_path = Path(tmp) / "head.log"
+    with open(log_path, "w") as logf:  # the child keeps its own descriptor
+        head = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(cwd))
+    until = time.monotonic() + timeout_s
+    try:
+        if not (_wait_listening(gcs, head, until) and _wait_listening(dash, head, until)):
+            tail = log_path.read_text()[-500:] if log_path.exists() else ""
+            raise ServingError("could not start a local Ray head", got=tail, fix="pass --address of a running cluster, or read the Ray log above")
+        return LocalHead(pid=head.pid, address=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dash}", temp_dir=tmp, auth_mode=env.get(AUTH_MODE_VAR, "disabled"))
+    except BaseException:  # Ctrl-C too: the head runs in its own session and would outlive us
+        stop_local_head(head.pid, tmp)
+        raise
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _started_by_ray_start(pid: int, temp_dir: str) -> bool:
+    """Whether ``pid`` is the ``ray start --temp-dir=temp_dir`` process (heads from before the mark)."""
+    try:
+        cmd = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return False
+    return "start" in cmd and f"--temp-dir={temp_dir}" in cmd
+
+
+def head_processes(temp_dir: str, pid: int | None = None) -> list[psutil.Process]:
+    """Every live process of the head with this temp dir: those carrying :data:`HEAD_MARK`,
+    and, when ``pid`` is that head's ``ray start``, the members of its process group."""
+    group = pid if pid is not None and _started_by_ray_start(pid, temp_dir) else None
+    found = []
+    for p in psutil.process_iter():
+        try:
+            ours = p.environ().get(HEAD_MARK) == temp_dir or (group is not None and os.getpgid(p.pid) == group)
+            if ours and _alive(p):
+                found.append(p)
+        except (psutil.Error, OSError):  # gone, or not ours to read
+            continue
+    return found
+
+
+def _signal_all(procs: list[psutil.Process], sig: int) -> None:
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(sig)
+
+
+def _wait_gone(temp_dir: str, pid: int | None, seconds: float) -> list[psutil.Process]:
+    until = time.monotonic() + seconds
+    while (left := head_processes(temp_dir, pid)) and time.monotonic() < until:
+        time.sleep(0.1)
+    return left
+
+
+def stop_local_head(pid: int | None, temp_dir: str | None, *, grace_s: float = STOP_GRACE_S) -> bool:
+    """Stop a head from :func:`start_local_head` and remove its temp dir; True if any of it ran.
+
+    SIGTERM to its process group and every other process of it (:func:`head_processes`),
+    ``grace_s`` to exit, then SIGKILL to what is left. Only the head's own processes are
+    signalled, so a recycled PID is never hit. Safe on a head already dead or half dead.
+    """
+    if not temp_dir:
+        return False
+    procs = head_processes(temp_dir, pid)
+    if procs:
+        leader = next((p for p in procs if p.pid == pid), None)
+        if leader is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(leader.pid, signal.SIGTERM)
+        _signal_all(procs, signal.SIGTERM)
+        left = _wait_gone(temp_dir, pid, grace_s)
+        if left:
+            _signal_all(left, signal.SIGKILL)
+            if left := _wait_gone(temp_dir, pid, 5.0):
+                raise ServingError("the local Ray head's processes did not exit", got=[p.pid for p in left], fix=f"kill them by PID, then delete {temp_dir}")
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return bool(procs)
+
+
+def gcs_reachable(address: str, timeout_s: float = 3.0) -> bool:
+    """Whether something listens at a ``HOST:PORT`` GCS address (other forms: assumed yes)."""
+    host, _, port = address.rpartition(":")
+    if not host or "://" in address or not port.isdigit():
+        return True
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False

@@ -30,6 +30,7 @@ from dynray.data import load_dataset
 from dynray.flags import guarded, parse, setup_logging
 from dynray.registry import ModelRegistry
 from jobs._ray import connect, free_port
+from jobs.serve_chaos import ChaosConfig, kill_devices_under_load, kill_ingress_under_load
 
 __all__ = ["SYSTEMS", "Config", "system_config", "run", "main"]
 
@@ -85,43 +86,15 @@ def system_config(base: dict, system: str, ref: str, home: str, port: int, *, ro
 
 
 def _chaos(url: str, images: np.ndarray, cfg: Config, app: str) -> dict:
-    import ray
+    """One edge replica, then the cloud replica, killed under load (jobs.serve_chaos)."""
+    res = kill_devices_under_load(ChaosConfig(url=url, app=app, requests=cfg.chaos_requests, concurrency=min(cfg.concurrency, 8)), images)
+    return res.to_dict()
 
-    from actors.serve_apps import app_status
 
-    def replicas(dep: str) -> list[str]:
-        return [x["name"] for x in ray.util.list_named_actors(all_namespaces=True) if x["name"].startswith(f"SERVE_REPLICA::{app}#{dep}#")]
-
-    def replaced(dep: str, n: int, dead: str) -> bool:
-        names = replicas(dep)
-        return dead not in names and len(names) >= n and app_status(app)["deployments"][dep]["replicas"].get("RUNNING", 0) >= n
-
-    n_edge, n_cloud = len(replicas("Edge")), len(replicas("Cloud"))
-    out: dict = {}
-    t = threading.Thread(target=lambda: out.setdefault("res", measure(url, images, requests=cfg.chaos_requests, concurrency=min(cfg.concurrency, 8), warmup=0)))
-    t.start()
-    time.sleep(1.0)
-    recovery = []
-    for dep, n in (("Edge", n_edge), ("Cloud", n_cloud)):
-        victim = replicas(dep)[0]
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        killed = time.monotonic()
-        while not replaced(dep, n, victim) and time.monotonic() - killed < 60:
-            time.sleep(0.2)
-        recovery.append(round(time.monotonic() - killed, 2))
-        log.info("killed one %s replica: back to %d running after %.1f s", dep, n, recovery[-1])
-    t.join(timeout=600)
-    res = out["res"]
-    ok = [r for r in res.records if r.ok]
-    return {
-        "requests": cfg.chaos_requests,
-        "answered": len(ok),
-        "degraded": sum(bool(r.body["degraded"]) for r in ok),
-        "errors": res.errors,
-        "status": {str(k): v for k, v in res.status_counts().items()},
-        "recovery_s": max(recovery),
-        "recovery_s_per_kill": {"edge": recovery[0], "cloud": recovery[1]},
-    }
+def _ingress_kill(url: str, images: np.ndarray, cfg: Config, app: str) -> dict:
+    """One of the two ingress replicas killed under load; answered with at most one client retry, and without."""
+    res = kill_ingress_under_load(ChaosConfig(url=url, app=app, requests=cfg.chaos_requests, concurrency=min(cfg.concurrency, 8), retries=1), images)
+    return res.to_dict()
 
 
 def _autoscale(base: dict, ref: str, home: str, port: int, images: np.ndarray, cfg: Config) -> dict:
@@ -189,6 +162,8 @@ def run(cfg: Config) -> BenchResult:
             if system == "dynray" and cfg.chaos_requests:
                 chaos = _chaos(f"http://127.0.0.1:{port}/{system}/v1/predict", images, cfg, system)
                 log.info("chaos: %s", chaos)
+                ingress_kill = _ingress_kill(f"http://127.0.0.1:{port}/{system}/v1/predict", images, cfg, system)
+                log.info("ingress kill: %s", ingress_kill)
             serve.delete(system)
         if cfg.autoscale_requests:
             autoscale = _autoscale(base, info.ref, str(reg.home.resolve()), port, images, cfg)
@@ -206,6 +181,7 @@ def run(cfg: Config) -> BenchResult:
         "profiles": {t: base["applications"][0]["args"][t].get("profile") for t in ("edge", "cloud")},
         "systems": systems,
         "chaos": chaos if cfg.chaos_requests else None,
+        "ingress_kill": ingress_kill if cfg.chaos_requests else None,
         "autoscale": autoscale if cfg.autoscale_requests else None,
         "ratios": {
             "accuracy_gap_pt": round(100 * (c["accuracy"] - d["accuracy"]), 2),

@@ -1,187 +1,292 @@
-"""Ray job / CLI face of serving: start, inspect, roll and stop the Serve app.
+"""Start, inspect, roll and stop the dynray Serve app (``dynray serve …``).
 
-    python -m jobs.deploy up [--address ADDR] [--config cluster/serve.yaml] [--model REF …] [--weights W …]
+    python -m jobs.deploy up [--address ADDR] [--config cluster/serve.yaml] [--model REF …] [--weights W …] [--port P]
     python -m jobs.deploy status
     python -m jobs.deploy roll --model REF [--model REF2 --weights 0.9 0.1]
     python -m jobs.deploy down
 
-With no ``--address`` and no ``RAY_ADDRESS``, ``up`` starts a local Ray head in the
-background (``ray start --head --block``, every port picked free, the ``edge`` and
-``cloud`` resources declared) that outlives the command; ``down`` stops it. The state
-(address, HTTP URL, head PID, the applied config) is kept in ``$DYNRAY_HOME/serve.json``.
+With no ``--address`` and no ``RAY_ADDRESS``, ``up`` starts a private local Ray head
+(``ray start --head --block``, every port free, the ``edge`` and ``cloud`` resources
+declared) that outlives the command; ``down`` stops it. The state (address, URL, head PID,
+the applied config) lives in ``$DYNRAY_HOME/serve.json``. Every command works from a plain
+shell: the auth mode is settled for the head and its clients alike (``jobs/_ray.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
-import ray
-import requests
+import tyro
 
-from dynray.errors import ServingError
-from dynray.registry import ModelRegistry
-from jobs._ray import free_port
+from dynray.errors import ConfigError, ServingError
+from dynray.fileio import write_atomic
+from dynray.flags import guarded, parse, setup_logging
+from dynray.registry import default_home
+
+__all__ = ["Config", "UpResult", "StatusResult", "RollResult", "DownResult", "Result", "run", "main"]
 
 log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]  # where `actors.app:build_app` imports from
+HEAD_RESOURCES = {"edge": 16, "cloud": 16}  # one node stands in for both device tiers
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Start (up), inspect (status), roll versions (roll) or stop (down) the Serve app."""
+
+    action: tyro.conf.Positional[Literal["up", "status", "roll", "down"]]
+    """up: deploy, on a local Ray head it starts unless --address or RAY_ADDRESS; status: print
+    the app's state as JSON; roll: serve other versions without downtime; down: remove the app
+    and stop the head `up` started."""
+    address: str | None = None
+    """Ray cluster (GCS address HOST:PORT); default: the one `up` recorded, else $RAY_ADDRESS, else (up) a new local head."""
+    config: str | None = None
+    """Serve config file for up (default: cluster/serve.yaml)."""
+    model: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """Registry ref to serve; repeat it for A/B (up's default: the config's models)."""
+    weights: tuple[float, ...] | None = None
+    """A/B traffic shares, one per --model, e.g. --weights 0.9 0.1 (default: all to the first)."""
+    port: int | None = None
+    """HTTP port for up (default: the config's, 8000)."""
+    timeout: float = 180.0
+    """Seconds to wait for the app to be RUNNING."""
+
+    def __post_init__(self) -> None:
+        if self.action in ("status", "down") and (self.model or self.weights or self.config or self.port):
+            raise ConfigError(f"`{self.action}` takes no --model, --weights, --config or --port", fix=f"dynray serve {self.action} [--address ADDR]")
+        if self.action == "roll" and not self.model:
+            raise ConfigError("roll needs the version(s) to serve", fix="dynray serve roll --model NAME:vN [--model NAME:vM --weights 0.9 0.1]")
+        if self.action == "roll" and (self.config or self.port):
+            raise ConfigError("roll keeps the applied config and port", fix="`dynray serve down`, then `dynray serve up --config … --port …`")
+        if self.weights is not None and self.model and len(self.weights) != len(self.model):
+            raise ConfigError("one weight per --model is needed", got={"models": list(self.model), "weights": list(self.weights)}, fix="e.g. --model A --model B --weights 0.9 0.1")
+        if self.port is not None and not 0 < self.port < 65536:
+            raise ConfigError("--port must be a TCP port", got=self.port, fix="e.g. --port 8000")
+        if self.timeout <= 0:
+            raise ConfigError("--timeout must be > 0 seconds", got=self.timeout, fix="e.g. --timeout 180")
+        if self.config is not None and not Path(self.config).is_file():
+            raise ConfigError("Serve config file not found", got=self.config, fix="pass --config cluster/serve.yaml or a file made from it")
+
+
+@dataclass(frozen=True)
+class UpResult:
+    app: str
+    url: str
+    address: str
+    head_pid: int | None
+    """The local head `up` started (None: an existing cluster)."""
+
+    def summary(self) -> str:
+        return f"serving {self.app} at {self.url}/v1/predict (Ray at {self.address}); `dynray serve status` to inspect, `dynray serve down` to stop"
+
+
+@dataclass(frozen=True)
+class StatusResult:
+    body: dict
+    """app, address, url, serve (controller view), health and models (the ingress's answers)."""
+
+    def summary(self) -> str:
+        return json.dumps(self.body, indent=2, default=str)
+
+
+@dataclass(frozen=True)
+class RollResult:
+    app: str
+    models: list[str]
+    weights: list[float] | None
+
+    def summary(self) -> str:
+        return json.dumps({"app": self.app, "models": self.models, "weights": self.weights}, indent=2)
+
+
+@dataclass(frozen=True)
+class DownResult:
+    stopped: str | None
+    """The app removed (None: nothing was recorded)."""
+    cluster_stopped: bool
+    """Whether processes of a local head were stopped."""
+    message: str
+    """What down found and did."""
+
+    def summary(self) -> str:
+        return json.dumps({"stopped": self.stopped, "cluster_stopped": self.cluster_stopped, "message": self.message}, indent=2)
+
+
+Result = UpResult | StatusResult | RollResult | DownResult
 
 
 def _state_path() -> Path:
-    return ModelRegistry().home / "serve.json"
+    return default_home() / "serve.json"
 
 
 def _read_state() -> dict:
     p = _state_path()
-    return json.loads(p.read_text()) if p.exists() else {}
-
-
-
-def _start_local_head(resources: dict) -> dict:
-    """``ray start --head --block`` in its own session; returns address, PID, dashboard."""
-    bin_dir = Path(sys.executable).parent
-    gcs, dash, agent, agent_grpc, metrics, rt_env = (free_port() for _ in range(6))
-    tmp = tempfile.mkdtemp(prefix="dynray-ray-", dir="/tmp")  # unix socket paths must stay short
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    logf = open(Path(tmp) / "head.log", "w")  # noqa: SIM115 - handed to the child
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--include-dashboard=true",
-         f"--resources={json.dumps(resources)}", f"--temp-dir={tmp}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}"],
-        env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd(),
-    )
-    until = time.monotonic() + 90
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", dash), timeout=1).close()
-            break
-        except OSError:
-            if head.poll() is not None or time.monotonic() > until:
-                raise ServingError("could not start a local Ray head", got=(Path(tmp) / "head.log").read_text()[-500:], fix="pass --address of a running cluster") from None
-            time.sleep(0.5)
-    return {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "head_pid": head.pid, "temp_dir": tmp}
-
-
-def up(a: argparse.Namespace) -> dict:
-    from actors import serve_apps as D
-
-    if _read_state().get("head_pid"):
-        raise ServingError("a local serving cluster from `dynray serve up` is still running", got=str(_state_path()), fix="run `dynray serve down` first, or `dynray serve roll` to change models")
-    cfg = D.load_config(a.config) if a.config else D.load_config()
-    app = cfg["applications"][0]
-    home = str(ModelRegistry().home.resolve())
-    reg = ModelRegistry(home)
-    models = [reg.resolve(m).ref for m in (a.model or app["args"].get("models", ["production"]))]  # pin concrete versions
-    app["args"].update(home=home, models=models, weights=a.weights)
-    if a.port:
-        cfg["http_options"] = {**cfg.get("http_options", {}), "port": a.port}
-    for d in app.get("deployments", []):
-        d["user_config"] = {**d.get("user_config", {}), "models": models, "home": home, **({"weights": a.weights} if d["name"] == "Ingress" else {})}
-    address = a.address or os.environ.get("RAY_ADDRESS")
-    state: dict = {}
-    if not address:
-        state = _start_local_head({"edge": 16, "cloud": 16})
-        address = state["address"]
+    if not p.exists():
+        return {}
     try:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-        D.deploy(cfg, timeout_s=a.timeout)
-    except BaseException:
-        if state.get("head_pid"):  # do not leave a half-started cluster behind
-            os.killpg(state["head_pid"], signal.SIGTERM)
-        raise
-    http = cfg.get("http_options", {})
-    state.update(address=address, url=f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{app.get('route_prefix', '/').rstrip('/')}", app=app["name"], config=cfg)
-    _state_path().parent.mkdir(parents=True, exist_ok=True)
-    _state_path().write_text(json.dumps(state, indent=2))
-    return state
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ServingError("the serving state file is not JSON", got=f"{p}: {e}", fix=f"stop what it names by hand, then delete {p}") from None
 
 
-def _attach(a: argparse.Namespace) -> dict:
-    state = _read_state()
-    address = a.address or state.get("address") or os.environ.get("RAY_ADDRESS")
+def _write_state(state: dict) -> None:
+    write_atomic(_state_path(), json.dumps(state, indent=2, default=str))
+
+
+def _head_found(state: dict) -> tuple[bool, str]:
+    """(running, what was found) for the local head recorded in ``state``."""
+    from jobs._ray import gcs_reachable, head_processes
+
+    pid, tmp = state.get("head_pid"), state.get("temp_dir")
+    procs = {p.pid for p in head_processes(tmp, pid)} if tmp else set()
+    if not procs:
+        return False, f"the recorded Ray head (pid {pid}) was not running"
+    if pid not in procs or not gcs_reachable(state.get("address", "")):
+        return False, f"the recorded Ray head (pid {pid}) was broken (GCS at {state.get('address')} not answering, {len(procs)} processes left)"
+    return True, f"the Ray head (pid {pid}) is running at {state.get('address')}"
+
+
+def _attach(cfg: Config, state: dict) -> None:
+    """``ray.init`` to the recorded (or given) cluster, in the auth mode it was started with."""
+    import ray
+
+    from jobs._ray import ensure_auth_env, gcs_reachable
+
+    if state.get("head_pid") and not cfg.address:
+        running, found = _head_found(state)
+        if not running:
+            raise ServingError(found, fix="run `dynray serve down` to clear its state, then `dynray serve up`")
+    address = cfg.address or state.get("address") or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise ServingError("no serving cluster known", fix="run `dynray serve up` first, or pass --address")
+        raise ServingError("no serving cluster known", got=str(_state_path()), fix="run `dynray serve up` first, or pass --address")
+    if not gcs_reachable(address):
+        raise ServingError("no Ray cluster answers at this address", got=address, fix="check --address, or `dynray serve down` to clear a stale state")
+    ensure_auth_env(state.get("auth_mode"))
     ray.init(address=address, logging_level="WARNING", log_to_driver=False)
-    return state
 
 
-def status(a: argparse.Namespace) -> dict:
+def up(cfg: Config) -> UpResult:
+    import ray
+
+    from actors import serve_apps as D
+    from jobs._ray import ensure_auth_env, start_local_head, stop_local_head
+
+    state = _read_state()
+    if state.get("head_pid"):
+        running, found = _head_found(state)
+        if running:
+            raise ServingError("a serving cluster from `dynray serve up` is still running", got=state.get("address"), fix="run `dynray serve down` first, or `dynray serve roll` to change models")
+        stop_local_head(state.get("head_pid"), state.get("temp_dir"))
+        _state_path().unlink(missing_ok=True)
+        log.warning("%s; cleared its stale state", found)
+    home = str(default_home())
+    serve_cfg = D.prepare_config(D.load_config(cfg.config) if cfg.config else D.load_config(), home=home, models=cfg.model, weights=cfg.weights, port=cfg.port)
+    app = serve_cfg["applications"][0]
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    state: dict = {}
+    head = None
+    try:
+        if not address:
+            head = start_local_head(HEAD_RESOURCES, cwd=ROOT)
+            log.info("started a local Ray head: pid %d, temp dir %s, address %s", head.pid, head.temp_dir, head.address)
+            state = {**head.to_state(), "app": app["name"]}
+            _write_state(state)  # before deploying: if this command dies, `dynray serve down` still finds the head
+            address = head.address
+        ensure_auth_env(head.auth_mode if head else None)
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        D.deploy(serve_cfg, timeout_s=cfg.timeout)
+    except BaseException:
+        if head is not None:  # leave no half-started cluster and no state behind
+            ray.shutdown()
+            stop_local_head(head.pid, head.temp_dir)
+            _state_path().unlink(missing_ok=True)
+            log.info("stopped the local Ray head (pid %d) after the failure", head.pid)
+        raise
+    http = serve_cfg.get("http_options", {})
+    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{app.get('route_prefix', '/').rstrip('/')}"
+    _write_state({**state, "address": address, "url": url, "app": app["name"], "config": serve_cfg})
+    return UpResult(app=app["name"], url=url, address=address, head_pid=head.pid if head else None)
+
+
+def status(cfg: Config) -> StatusResult:
+    import requests
+
     from actors import serve_apps as D
 
-    state = _attach(a)
+    state = _read_state()
+    _attach(cfg, state)
     app = state.get("app", "dynray")
     out = {"app": app, "address": state.get("address"), "url": state.get("url"), "serve": D.app_status(app)}
     if state.get("url"):
         try:
             out["health"] = requests.get(f"{state['url']}/v1/health", timeout=5).json()
             out["models"] = requests.get(f"{state['url']}/v1/models", timeout=5).json()
-        except requests.RequestException as e:
+        except (requests.RequestException, ValueError) as e:
             out["health"] = {"error": str(e)}
-    return out
+    return StatusResult(body=out)
 
 
-def roll(a: argparse.Namespace) -> dict:
+def roll(cfg: Config) -> RollResult:
     from actors import serve_apps as D
 
-    state = _attach(a)
+    state = _read_state()
     if "config" not in state:
         raise ServingError("no applied config recorded", got=str(_state_path()), fix="roll works on apps started with `dynray serve up`")
-    reg = ModelRegistry(state["config"]["applications"][0]["args"]["home"])
-    models = [reg.resolve(m).ref for m in a.model]
-    state["config"] = D.roll(state["config"], state["app"], models, a.weights, timeout_s=a.timeout)
-    _state_path().write_text(json.dumps(state, indent=2))
-    return {"app": state["app"], "models": models, "weights": a.weights}
+    weights = None if cfg.weights is None else list(cfg.weights)
+    refs = D.check_roll(state["config"], state["app"], list(cfg.model), weights)  # before any Ray call: a bad roll touches nothing
+    _attach(cfg, state)
+    state["config"] = D.roll(state["config"], state["app"], refs, weights, timeout_s=cfg.timeout)
+    _write_state(state)
+    return RollResult(app=state["app"], models=refs, weights=weights)
 
 
-def down(a: argparse.Namespace) -> dict:
+def down(cfg: Config) -> DownResult:
+    from jobs._ray import stop_local_head
+
+    state = _read_state()
+    app = state.get("app")
+    if state.get("head_pid") and not cfg.address:
+        # a head of our own: stopping it removes the app with it, and needs no working Ray
+        running, found = _head_found(state)
+        stopped = stop_local_head(state["head_pid"], state.get("temp_dir"))
+        _state_path().unlink(missing_ok=True)
+        msg = f"stopped the local Ray head (pid {state['head_pid']}) and the app {app!r} on it" if running else f"{found}; stopped what was left of it and cleared its state" if stopped else f"{found}; cleared its stale state"
+        return DownResult(stopped=app, cluster_stopped=stopped, message=msg)
+    if not state and not cfg.address and not os.environ.get("RAY_ADDRESS"):
+        return DownResult(stopped=None, cluster_stopped=False, message=f"nothing to stop: no serving state in {_state_path()}")
     from actors import serve_apps as D
 
-    state = _attach(a)
+    try:
+        _attach(cfg, state)
+    except ServingError as e:
+        if not state:
+            raise
+        _state_path().unlink(missing_ok=True)
+        return DownResult(stopped=None, cluster_stopped=False, message=f"{e.what} ({e.got}); cleared the serving state")
     D.shutdown()
-    ray.shutdown()
-    if state.get("head_pid"):
-        try:
-            os.killpg(state["head_pid"], signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     _state_path().unlink(missing_ok=True)
-    return {"stopped": state.get("app", "dynray"), "cluster_stopped": bool(state.get("head_pid"))}
+    return DownResult(stopped=app or "all Serve apps", cluster_stopped=False, message=f"shut Serve down on {cfg.address or state.get('address') or os.environ.get('RAY_ADDRESS')}")
 
 
 ACTIONS = {"up": up, "status": status, "roll": roll, "down": down}
 
 
-def add_deploy_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=list(ACTIONS))
-    p.add_argument("--address", default=None, help="Ray cluster (GCS address); default: $RAY_ADDRESS, else a local head")
-    p.add_argument("--config", default=None, help="Serve config file (default cluster/serve.yaml)")
-    p.add_argument("--model", action="append", default=None, help="registry ref to serve (repeat for A/B); default: the config's")
-    p.add_argument("--weights", type=float, nargs="+", default=None, help="A/B traffic shares, one per --model")
-    p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
-    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the apps to run")
+def run(cfg: Config) -> Result:
+    return ACTIONS[cfg.action](cfg)
 
 
-def run(a: argparse.Namespace) -> dict:
-    if a.action == "roll" and not a.model:
-        raise ServingError("roll needs the version(s) to serve", fix="dynray serve roll --model NAME:vN")
-    return ACTIONS[a.action](a)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m jobs.deploy", description=__doc__.splitlines()[0])
-    add_deploy_args(p)
-    return run(p.parse_args(argv))
+def main(argv: list[str] | None = None, *, prog: str = "python -m jobs.deploy") -> int:
+    cfg = parse(Config, argv, prog=prog, description=__doc__)
+    print(run(cfg).summary(), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(json.dumps(main(), indent=2, default=str))
+    setup_logging()
+    sys.exit(guarded(main, prog="python -m jobs.deploy"))

@@ -46,6 +46,9 @@ def format_serve(s: dict) -> str:
     if s.get("chaos"):
         c = s["chaos"]
         out.append(f"  chaos: {c['answered']}/{c['requests']} answered, {c['degraded']} degraded, {c['errors']} errors, replicas back in {c['recovery_s']:.1f} s")
+    if s.get("ingress_kill"):
+        k = s["ingress_kill"]
+        out.append(f"  ingress kill: {k['answered']}/{k['requests']} answered with at most one client retry, {k['answered_no_retry']} at the first try")
     if s.get("autoscale"):
         au = s["autoscale"]
         out.append(f"  autoscale: edge {au['replicas_start']} -> {au['replicas_peak']} replicas under concurrency {au['concurrency']}, first scale-up after {au['seconds_to_first_scale_up']} s")

@@ -106,6 +106,8 @@ class AppArgs(_Strict):
     deadline_ms: float = Field(3000.0, gt=0, description="per-request deadline across all retries")
     edge_timeout_ms: float = Field(1000.0, gt=0, description="timeout of one edge call")
     cloud_timeout_ms: float = Field(1000.0, gt=0, description="timeout of one cloud call before degrading")
+    breaker_failures: int = Field(2, ge=1, description="consecutive failures (one per wave of calls in flight together) that mark a tier down")
+    breaker_cooldown_ms: float = Field(1000.0, gt=0, description="how long a tier marked down is skipped before it is tried again")
     max_items: int = Field(256, ge=1, description="batch limit per HTTP request")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="HTTP body size limit")
     ingress_max_ongoing_requests: int = Field(256, ge=1, description="the ingress is pass-through; keep it high")

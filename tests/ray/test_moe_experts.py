@@ -93,7 +93,8 @@ def test_expert_hosts_are_checked_against_the_model(ray_session, moe_home):
 
 def test_serve_graph_with_remote_experts(ray_session, moe_home, x_test):
     """cluster/serve.yaml with experts.count = 4: answers equal the offline model's; an expert
-    replica killed mid-traffic loses no request."""
+    replica killed mid-traffic loses no request, and its tokens really are failed over: the
+    answers right after the kill equal the offline model with that expert dead, flagged."""
     import ray
     from actors import serve_apps as D
 
@@ -103,7 +104,11 @@ def test_serve_graph_with_remote_experts(ray_session, moe_home, x_test):
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
     app = cfg["applications"][0]
     app["args"].update(
-        home=str(home), models=[ref], experts={"count": 4, "timeout_ms": 3000},
+        home=str(home), models=[ref], experts={"count": 4, "timeout_ms": 2000},
+        # the cloud call (where the MoE stage runs) outlasts an expert timeout, so a dead expert
+        # shows as rerouted tokens, not as a cloud timeout; a slow health check keeps the killed
+        # expert dead (not yet replaced) while the answers after the kill are checked
+        cloud_timeout_ms=6000, deadline_ms=12000, health_check_period_s=10.0,
         edge={**app["args"]["edge"], "min_replicas": 1, "max_replicas": 1}, cloud={**app["args"]["cloud"], "min_replicas": 1, "max_replicas": 1},
     )
     args = D.AppArgs.model_validate(app["args"])
@@ -113,20 +118,34 @@ def test_serve_graph_with_remote_experts(ray_session, moe_home, x_test):
         url = f"http://127.0.0.1:{port}/v1/predict"
         sm = load_model(ModelRegistry(home), ref)
         offline = sm.model.forward_exits(x_test, sm.rule)
+        requests.post(url, json=encode_array(x_test[:8]), timeout=60)  # warm the expert handles
         body = requests.post(url, json=encode_array(x_test), timeout=60).json()
         assert body["exit"] == offline.exit_index.tolist() and 2 in body["exit"]
         assert body["predictions"] == offline.logits.argmax(1).tolist()
         assert not body["degraded"] and not any(body["expert_rerouted"])
-        # kill Expert1's replica; traffic goes on meanwhile
+        # the reference: the offline model with Expert1 dead
+        dead = load_model(ModelRegistry(home), ref)
+        block = dead.model.moe_blocks()[0]
+        block.runner = _DeadExperts(block.experts, [1])
         names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Expert1" in a["name"]]
         assert names, "no Expert1 replica found"
         ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
-        answers = [requests.post(url, json=encode_array(x_test[i * 8 : (i + 1) * 8]), timeout=60) for i in range(12)]
-        assert [r.status_code for r in answers] == [200] * 12
-        for r in answers:
+        batches = [x_test[i * 8 : (i + 1) * 8] for i in range(4)]
+        answers = [requests.post(url, json=encode_array(xb), timeout=60) for xb in batches]
+        assert [r.status_code for r in answers] == [200] * 4
+        for k, (r, xb) in enumerate(zip(answers, batches, strict=True)):
             b = r.json()
+            want_dead = dead.model.forward_exits(xb, dead.rule)
+            want_live = sm.model.forward_exits(xb, sm.rule)
+            rerouted = torch.tensor(b["expert_rerouted"])
             assert len(b["predictions"]) == 8 and all(len(p) == 10 for p in b["probabilities"])
-            assert b["degraded"] or not any(b["expert_rerouted"])  # a rerouted answer is flagged
+            assert b["degraded"] == bool(rerouted.any())  # a rerouted answer is flagged, and only that
+            if k < 2 or rerouted.any():  # right after the kill Expert1 is surely still dead
+                assert want_dead.rerouted.any(), "the batch sends no token to Expert1: pick other samples"
+                assert torch.equal(rerouted, want_dead.rerouted), (k, rerouted, want_dead.rerouted)
+                assert b["predictions"] == want_dead.logits.argmax(1).tolist() and b["exit"] == want_dead.exit_index.tolist()
+            else:  # replaced meanwhile: the live model again
+                assert b["predictions"] == want_live.logits.argmax(1).tolist()
     finally:
         D.delete_apps([app["name"]])
         D.shutdown()

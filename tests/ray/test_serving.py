@@ -1,12 +1,15 @@
 """The Serve graph end to end over HTTP: offline equality, bad input, A/B, version roll, chaos.
 
-One dynray app (cluster/serve.yaml, on a free port) is deployed once for the module on the
-session's Ray. Two registry versions of a small model make the A/B and roll tests real.
+One dynray app (cluster/serve.yaml, on a free port, 2 ingress replicas) is deployed once for
+the module on the session's Ray. Two registry versions of a small model make the A/B, roll
+and not-hosted tests real. The chaos tests (replicas killed) run last.
 """
 
 from __future__ import annotations
 
 import json
+import select
+import socket
 import threading
 import time
 
@@ -18,13 +21,17 @@ import torch
 from dynray.data import load_dataset
 from dynray.bench.load import LoadConfig, run_load_sync
 from dynray.models import DynamicNetConfig, build
+from dynray.serving.failover import ErrorKind, classify_error
+from dynray.serving.partition import DeviceRequest, StageInput
 from dynray.serving.payload import encode_array
+from dynray.serving.routing_state import Observation, SharedFailure, TierObservation
 from dynray.registry import ModelRegistry
 from dynray.routing.features import obs_dim
 from dynray.routing.policy import PolicyNet, save_policy
 from dynray.store import load_model, save_model
 from dynray.thresholds import ThresholdRule
 from jobs._ray import free_port
+from jobs.serve_chaos import ChaosConfig, kill_devices_under_load, kill_ingress_under_load
 
 pytestmark = pytest.mark.ray
 APP = "dynray"
@@ -72,11 +79,11 @@ def served(ray_session, tmp_path_factory):
     cfg = D.load_config()
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
     app = cfg["applications"][0]
-    app["args"].update(home=str(home), models=[v1], edge={**app["args"]["edge"], "min_replicas": 2, "max_replicas": 2}, cloud={**app["args"]["cloud"], "min_replicas": 1, "max_replicas": 1})
+    app["args"].update(home=str(home), models=[v1], breaker_cooldown_ms=3000, edge={**app["args"]["edge"], "min_replicas": 2, "max_replicas": 2}, cloud={**app["args"]["cloud"], "min_replicas": 1, "max_replicas": 1})
     for d in app["deployments"]:
         d["user_config"] = {**d["user_config"], "models": [v1], "home": str(home)}
     D.deploy(cfg, timeout_s=180)
-    state = {"cfg": cfg, "url": f"http://127.0.0.1:{port}", "home": home, "v1": v1, "v2": v2}
+    state = {"cfg": cfg, "url": f"http://127.0.0.1:{port}", "port": port, "home": home, "v1": v1, "v2": v2}
     yield state
     D.shutdown()
 
@@ -139,18 +146,164 @@ BAD = [
 def test_bad_input_gets_its_4xx_and_the_replica_keeps_serving(served, name, body, ctype, status):
     r = requests.post(f"{served['url']}/v1/predict", data=body(), headers={"Content-Type": ctype}, timeout=30)
     assert r.status_code == status, r.text
-    assert r.json()["error"]
+    assert r.json()["error"] and r.json()["request_id"] == r.headers["X-Request-Id"]
     ok = _post(served["url"], encode_array(torch.zeros(1, 1, 28, 28)))
     assert ok.status_code == 200
 
 
 def test_health_models_and_openapi(served):
-    h = requests.get(f"{served['url']}/v1/health", timeout=10).json()
+    r = requests.get(f"{served['url']}/v1/health", timeout=10, headers={"X-Request-Id": "probe-1"})
+    h = r.json()
     assert h["ready"] and h["tiers"]["edge"]["replicas"] == 2 and h["tiers"]["cloud"]["replicas"] == 1
+    assert r.headers["X-Request-Id"] == "probe-1"
+    assert h["deployments"]["Ingress"]["replicas"]["RUNNING"] == 2 and h["deployments"]["RoutingState"]["replicas"]["RUNNING"] == 1
     m = requests.get(f"{served['url']}/v1/models", timeout=10).json()
     assert m["versions"] == [served["v1"]]
     spec = requests.get(f"{served['url']}/openapi.json", timeout=10).json()
     assert "/v1/predict" in spec["paths"] and "requestBody" in spec["paths"]["/v1/predict"]["post"]
+
+
+def _chunked_post_until_answered(port: int, total: int, rate: float, chunk: int = 64 * 1024) -> tuple[int, bytes, int]:
+    """POST a chunked body of up to ``total`` bytes at ``rate`` bytes/s, stopping as soon as the
+    server answers: (bytes sent by then, the raw response, total).
+
+    Paced, because Serve's proxy reads a body as fast as it comes (and queues it for the
+    replica): unpaced on loopback, tens of MB are queued before the replica has seen 8 MB."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        frame = b"%x\r\n" % chunk + b"[" * chunk + b"\r\n"
+        t0 = time.monotonic()
+        sent, deadline = 0, t0 + 120
+        sock.settimeout(0.5)
+        while sent < total and time.monotonic() < deadline:
+            time.sleep(max(0.0, sent / rate - (time.monotonic() - t0)))
+            if select.select([sock], [], [], 0)[0]:  # the answer (or a close) is there
+                break
+            try:
+                sock.sendall(frame)
+            except (TimeoutError, BlockingIOError):  # the server stopped reading: look for its answer
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += chunk
+        if sent >= total:
+            sock.sendall(b"0\r\n\r\n")
+        sock.settimeout(30)
+        raw = b""
+        while b"\r\n\r\n" not in raw or len(raw.split(b"\r\n\r\n", 1)[1]) < int(raw.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]):
+            part = sock.recv(65536)
+            if not part:
+                break
+            raw += part
+        return sent, raw, total
+    finally:
+        sock.close()
+
+
+def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(served):
+    """A 100 MB chunked upload (no Content-Length, 10 MB/s) is answered 413 soon after ~8 MB (the
+    limit) have arrived, while the client is still sending: the ingress stops reading at the
+    limit (reading the whole body first, the answer would come after all 100 MB, at 10 s)."""
+    t0 = time.monotonic()
+    sent, raw, total = _chunked_post_until_answered(served["port"], 100 * 1024 * 1024, rate=10e6)
+    print(f"chunked 413 after {sent / 1e6:.1f} MB sent, {time.monotonic() - t0:.1f} s")
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 413"), head[:200]
+    assert "over 8388608 bytes" in json.loads(body)["error"] and b"x-request-id" in head.lower()
+    assert sent < total // 2, f"the answer came only after {sent} of {total} bytes were sent"
+    ok = _post(served["url"], encode_array(torch.zeros(1, 1, 28, 28)))
+    assert ok.status_code == 200
+
+
+def test_device_errors_through_ray_are_classified(served, ray_session):
+    """The real exceptions: a device refusing a version (through a Serve handle) is no tier
+    failure; a call to a dead actor is one."""
+    import ray
+    from ray import serve
+
+    edge = serve.get_deployment_handle("Edge", APP)
+    with pytest.raises(Exception) as err:
+        edge.run.remote(DeviceRequest("nope:v9", 0, StageInput(h=torch.zeros(1, 1, 28, 28)))).result(timeout_s=30)
+    assert classify_error(err.value) is ErrorKind.REFUSED and "does not host" in str(err.value)
+
+    @ray.remote(num_cpus=0)
+    class Doomed:
+        def ping(self) -> int:
+            return 1
+
+    a = Doomed.remote()
+    ray.get(a.ping.remote(), timeout=30)
+    ray.kill(a)
+    with pytest.raises(Exception) as err:
+        ray.get(a.ping.remote(), timeout=30)
+    assert classify_error(err.value) is ErrorKind.TIER, type(err.value)
+
+
+def test_a_version_the_devices_do_not_host_is_503_and_trips_no_breaker(served):
+    """The ingress serves v2 (weight 0) that no device hosts: asking for it is a 503 naming the
+    cause, again and again, and v1 traffic is not affected (no tier is marked down)."""
+    import copy
+
+    from actors import serve_apps as D
+
+    cfg = copy.deepcopy(served["cfg"])
+    ingress = next(d for d in cfg["applications"][0]["deployments"] if d["name"] == "Ingress")
+    ingress["user_config"] = {**ingress["user_config"], "models": [served["v1"], served["v2"]], "weights": [1.0, 0.0]}
+    D.deploy(cfg, timeout_s=120, check=False)
+    try:
+        x = load_dataset("mnist-5k", "test").images[:48]
+        for _ in range(6):
+            r = _post(served["url"], {**encode_array(x[:4]), "model_version": served["v2"]})
+            assert r.status_code == 503 and "does not host the requested version" in r.json()["error"], r.text
+        v1 = _post(served["url"], encode_array(x)).json()
+        assert v1["model_version"] == served["v1"] and not v1["degraded"] and "cloud" in v1["tier"] and v1["path"] == "edge_first"
+        h = requests.get(f"{served['url']}/v1/health", timeout=10).json()
+        assert h["tiers"]["edge"]["up"] and h["tiers"]["cloud"]["up"], h["tiers"]
+    finally:
+        D.deploy(served["cfg"], timeout_s=120, check=False)
+
+
+def test_a_tier_marked_down_by_one_ingress_replica_is_down_for_all(served):
+    """Another ingress replica ("injector") keeps reporting cloud failures to the shared
+    RoutingState: every ingress replica stops calling the cloud (escalations answered
+    degraded), and once the reports stop the cloud is used again. (The module's 3 s breaker
+    cooldown outlasts any lag of the injector thread: were a replica's cooldown to run out
+    between two syncs, its trial call would succeed and rightly close the breaker.)"""
+    from ray import serve
+
+    state = serve.get_deployment_handle("RoutingState", APP)
+    stop = threading.Event()
+
+    def inject() -> None:
+        seq = 0
+        while not stop.is_set():
+            seq += 2  # two failures, the second sent after the first was seen: a trip
+            fails = (SharedFailure("injector", seq - 1, 0.3, 0.2), SharedFailure("injector", seq, 0.1, 0.0))
+            state.sync.remote(Observation(replica="injector", tiers={"cloud": TierObservation(failures=fails)})).result(timeout_s=10)
+            stop.wait(0.1)
+
+    t = threading.Thread(target=inject, daemon=True)
+    t.start()
+    try:
+        time.sleep(1.5)  # > 2 sync periods: every replica has pulled the merged view
+        x = load_dataset("mnist-5k", "test").images[:48]
+        answers = [_post(served["url"], encode_array(x)).json() for _ in range(12)]
+        h = requests.get(f"{served['url']}/v1/health", timeout=10).json()
+        known = state.replicas.remote().result(timeout_s=10)
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    assert len(known) == 3 and "injector" in known, known  # both ingress replicas push their view
+    assert all("cloud" not in a["tier"] and a["degraded"] and a["device_failures"] == 0 for a in answers), [a["tier"] for a in answers]
+    assert not h["tiers"]["cloud"]["up"] and h["tiers"]["edge"]["up"]
+    for _ in range(40):  # the cooldown + a sync period, then the first call closes the breaker
+        a = _post(served["url"], encode_array(x)).json()
+        if "cloud" in a["tier"] and not a["degraded"]:
+            break
+        time.sleep(0.25)
+    else:
+        pytest.fail("the cloud was not used again after the failure reports stopped")
 
 
 def _load_in_background(url: str, n: int, concurrency: int, x: torch.Tensor):
@@ -184,39 +337,6 @@ def test_zero_downtime_roll_then_ab_split(served):
     assert counts[served["v1"]] > 0 and counts[served["v2"]] > 0
 
 
-def _replicas(deployment: str) -> list[str]:
-    import ray
-
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(f"SERVE_REPLICA::{APP}#{deployment}#")]
-
-
-def test_chaos_kill_edge_then_cloud_every_request_answered(served):
-    import ray
-
-    from actors import serve_apps as D
-
-    x = load_dataset("mnist-5k", "test").images[:64]
-    t, out = _load_in_background(served["url"], 600, 8, x)
-    time.sleep(1.0)
-    killed_at = time.monotonic()
-    ray.kill(ray.get_actor(_replicas("Edge")[0], namespace="serve"), no_restart=True)
-    time.sleep(1.5)
-    ray.kill(ray.get_actor(_replicas("Cloud")[0], namespace="serve"), no_restart=True)
-    t.join(timeout=180)
-    res = out["res"]
-    assert len(res.records) == 600 and res.errors == 0, res.status_counts()
-    # recovery: both tiers back at full strength within 30 s of the first kill
-    while time.monotonic() - killed_at < 30:
-        s = D.app_status(APP)
-        if s["deployments"]["Edge"]["replicas"].get("RUNNING") == 2 and s["deployments"]["Cloud"]["replicas"].get("RUNNING") == 1:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"replicas not back within 30 s: {D.app_status(APP)}")
-    after = _post(served["url"], encode_array(x[:8])).json()
-    assert not after["degraded"]
-
-
 def _edge_stats() -> dict[str, dict]:
     from ray import serve
 
@@ -232,7 +352,7 @@ def test_batches_fill_under_concurrency(served):
     """Concurrent single-image requests share device forwards (ingress coalescing + @serve.batch)."""
     x = load_dataset("mnist-5k", "test").images[:64]
     before = _edge_stats()
-    res = run_load_sync(LoadConfig(url=f"{served['url']}/v1/predict", requests=300, concurrency=16), lambda i: encode_array(x[i % 64][None]))
+    res = run_load_sync(LoadConfig(url=f"{served['url']}/v1/predict", requests=400, concurrency=32), lambda i: encode_array(x[i % 64][None]))
     assert res.errors == 0
     after = _edge_stats()
     zero = {"forwards": 0, "samples": 0}
@@ -241,3 +361,40 @@ def test_batches_fill_under_concurrency(served):
     assert samples >= 50 and forwards > 0, (before, after)  # the latency policy sends part of the load straight to the cloud
     assert samples / forwards > 1.5, (samples, forwards)  # one image per request, yet forwards are shared
     assert max(s["max_samples"] for s in after.values()) >= 4, after
+
+
+def test_chaos_kill_edge_then_cloud_every_request_answered(served):
+    """One edge replica, then the cloud replica, killed under load (jobs.serve_chaos): every
+    request is answered, and the answers show the failover happened (retried device calls,
+    degraded answers while the cloud was away)."""
+    from actors import serve_apps as D
+
+    images = load_dataset("mnist-5k", "test").images[:64].numpy()
+    res = kill_devices_under_load(ChaosConfig(url=f"{served['url']}/v1/predict", app=APP, requests=700, concurrency=8, kill_after_s=1.0, recovery_timeout_s=30), images)
+    print("device chaos:", res.to_dict())
+    assert res.kills_during_load, res.to_dict()
+    assert res.answered_no_retry == res.requests == 700 and res.errors == 0, res.status
+    assert res.device_failures > 0, res.to_dict()  # the ingress saw the kills and retried or failed over
+    assert res.recovery_s < 30  # both tiers back at full strength
+    s = D.app_status(APP)["deployments"]
+    assert s["Edge"]["replicas"].get("RUNNING") == 2 and s["Cloud"]["replicas"].get("RUNNING") == 1
+    for _ in range(40):  # the breaker closes at the first call after its cooldown
+        if not _post(served["url"], encode_array(torch.from_numpy(images[:48]))).json()["degraded"]:
+            break
+        time.sleep(0.25)
+    else:
+        pytest.fail("answers still degraded 10 s after both tiers were back")
+
+
+def test_kill_one_ingress_replica_under_load(served):
+    """One of the 2 ingress replicas killed under load: with one client retry every request is
+    answered (the proxy cannot retry those the dying replica had accepted)."""
+    from actors import serve_apps as D
+
+    images = load_dataset("mnist-5k", "test").images[:64].numpy()
+    res = kill_ingress_under_load(ChaosConfig(url=f"{served['url']}/v1/predict", app=APP, requests=400, concurrency=8, kill_after_s=1.0, retries=1, recovery_timeout_s=30), images)
+    print("ingress chaos:", res.to_dict())
+    assert res.kills_during_load, res.to_dict()
+    assert res.answered == res.requests == 400, res.to_dict()
+    assert res.answered_no_retry >= 0.9 * res.requests, res.to_dict()
+    assert D.app_status(APP)["deployments"]["Ingress"]["replicas"].get("RUNNING") == 2

@@ -1,6 +1,8 @@
-"""Orchestrator: path choice, retries, failover, degradation, circuit breaker, deadline.
+"""Orchestrator: path choice, retries, failover, degradation, circuit breaker, deadline,
+and the classification of device errors (tier failure, refusal, client error).
 
-Device calls are fakes built from the tiny model and run_stages: no Ray.
+Device calls are fakes built from the tiny model and run_stages: no Ray cluster (the
+classification test builds Ray's real exception classes, which needs no ray.init).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from dynray.errors import ConfigError
-from dynray.serving.failover import Answer, FailoverConfig, Orchestrator, TierView
+from dynray.errors import ConfigError, RegistryError, RequestError, ServingError
+from dynray.serving.failover import Answer, ErrorKind, FailoverConfig, Orchestrator, TierView, classify_error, is_tier_failure
 from dynray.models import StopAtExit
 from dynray.serving.partition import DeviceReply, DeviceRequest, StageInput, StageRange, range_macs, run_stages
 from dynray.serving.scheduling import CLOUD_PROFILE, EDGE_PROFILE, LatencyPolicy, LoadTracker, NoDeviceAvailable, PathEstimate
@@ -54,6 +56,7 @@ class FakeDevice:
     fail: int = 0  # the first `fail` calls raise
     fail_always: bool = False
     hang_s: float = 0.0  # every call sleeps this long first (a hang when > the timeout)
+    error: object = None  # a callable: what a failing call raises (default RuntimeError)
     calls: list[DeviceRequest] = field(default_factory=list)
     tracker: LoadTracker = field(default_factory=LoadTracker)
 
@@ -62,7 +65,7 @@ class FakeDevice:
         if self.hang_s:
             await asyncio.sleep(self.hang_s)
         if self.fail_always or len(self.calls) <= self.fail:
-            raise RuntimeError(f"{self.tier} replica died")
+            raise self.error() if self.error is not None else RuntimeError(f"{self.tier} replica died")
         res = run_stages(self.model, StageRange(start=req.start, stop=self.stop), req.inp, self.rule)
         profile = EDGE_PROFILE if self.tier == "edge" else CLOUD_PROFILE
         return DeviceReply(result=res, tier=self.tier, replica=f"{self.tier}-0", load=self.tracker.report(f"{self.tier}-0", profile).to_dict(), ms_per_mmac=1.0)
@@ -426,3 +429,104 @@ def test_router_load_is_relative_to_each_tiers_normal(setup):
     assert orch.load_snapshot().cloud_ms == pytest.approx(80.0, rel=0.02)  # raw EWMA without nominal
     asyncio.run(run(400.0, 20))  # the cloud gets 5x slower
     assert orch.load_snapshot(nominal).cloud_ms == pytest.approx(5 * 45.0, rel=0.05)
+
+
+# -- device errors: tier failure, refusal, client error ---------------------------------------------
+
+
+def _ray_task_error(cause: BaseException) -> BaseException:
+    """What a Serve handle raises when the replica's code raised ``cause``: RayTaskError(<cause>)."""
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError("Device.run", "Traceback: ...", cause, proctitle="ray::ServeReplica", pid=1, ip="127.0.0.1").as_instanceof_cause()
+
+
+def _tier_failures() -> list[BaseException]:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+
+    return [
+        ActorDiedError(), RayActorError(), ActorUnavailableError("restarting", None), GetTimeoutError(), TimeoutError(), asyncio.TimeoutError(),
+        RequestCancelledError("r1"), DeploymentUnavailableError(DeploymentID(name="Edge", app_name="dynray")), BackPressureError(num_queued_requests=9, max_queued_requests=8),
+        _ray_task_error(ActorDiedError()),  # a dead replica seen through another deployment
+        RuntimeError("CUDA error inside the device"),  # a crash in the device's own code: the tier does not answer
+        ConnectionResetError(),
+    ]
+
+
+def test_ray_failures_are_tier_failures_and_device_refusals_are_not():
+    for e in _tier_failures():
+        assert classify_error(e) is ErrorKind.TIER and is_tier_failure(e), repr(e)
+    hosted = RegistryError("this device does not host the requested version", got="m:v9", fix="roll it out first")
+    stage = ServingError("this device does not host the requested stage", got=(3, 0, 2))
+    for e in (hosted, stage, _ray_task_error(hosted), _ray_task_error(stage)):
+        assert classify_error(e) is ErrorKind.REFUSED and not is_tier_failure(e), repr(e)
+    bad = RequestError("too big", status=413)
+    assert classify_error(bad) is ErrorKind.CLIENT and classify_error(_ray_task_error(bad)) is ErrorKind.CLIENT
+
+
+def test_a_version_not_hosted_is_not_retried_and_never_trips_the_breaker(setup):
+    model, x, _, ref, _, edge, cloud = setup
+    refuse = lambda: _ray_task_error(RegistryError("this device does not host the requested version", got=VERSION, fix="roll the version out first"))  # noqa: E731
+    e, c = edge(fail_always=True, error=refuse), cloud()
+    orch = _orch(model, e, c, FailoverConfig(attempts=2, failures_to_trip=1))
+    for i in range(4):
+        ans = asyncio.run(orch.answer(x, VERSION))
+        assert ans.path == "cloud_direct" and torch.equal(ans.logits, ref.logits)  # the cloud hosts it: answered there
+        assert len(e.calls) == i + 1  # asked once per request (a retry would be refused again) and never skipped
+        assert orch.views["edge"].failures == 0 and orch.views["edge"].available(time.monotonic()) and ans.device_failures == 0
+    c.fail_always, c.error = True, refuse
+    with pytest.raises(NoDeviceAvailable, match="does not host the requested version"):
+        asyncio.run(orch.answer(x, VERSION))
+    assert orch.views["cloud"].failures == 0
+
+
+def test_a_request_error_from_a_device_is_the_clients_4xx(setup):
+    model, x, _, _, _, edge, cloud = setup
+    e = edge(fail_always=True, error=lambda: _ray_task_error(RequestError("too many samples for this device", status=413, fix="send fewer")))
+    orch = _orch(model, e, cloud(), FailoverConfig(attempts=2, failures_to_trip=1))
+    with pytest.raises(RequestError) as err:
+        asyncio.run(orch.answer(x, VERSION))
+    assert err.value.status == 413 and type(err.value) is RequestError and len(e.calls) == 1
+    assert orch.views["edge"].failures == 0
+
+
+def test_failures_in_flight_together_count_once():
+    cfg = FailoverConfig(failures_to_trip=2, cooldown_s=1.0)
+    v = TierView("edge")
+    for started in (0.1, 0.5, 0.9, 0.99):  # sent before the first failure was seen at 1.0
+        v.failure(1.0 if started == 0.1 else 1.2, cfg, started=started)
+    assert v.failures == 1 and v.available(1.2)
+    assert v.failure(2.0, cfg, started=1.5)  # sent after a failure was seen: new evidence
+    assert v.failures == 2 and not v.available(2.5) and v.available(3.0)
+
+
+def test_a_coalesced_batch_failing_counts_one_failure_not_one_per_request(setup):
+    """8 requests share one device call (the ingress's coalescing); it fails once. With a
+    breaker that trips at 2, counting per request would skip the edge for the retries."""
+    model, x, _, ref, _, edge, cloud = setup
+    e, c = edge(), cloud()
+    first: list[asyncio.Future] = []
+
+    async def coalesced(req):
+        if len(first) < 8:  # the first 8 requests are one batch: one call, one failure for all
+            fut = asyncio.get_running_loop().create_future()
+            first.append(fut)
+            if len(first) == 8:
+                await asyncio.sleep(0.01)
+                err = RuntimeError("edge replica died")
+                for f in first:
+                    f.set_exception(err)
+            return await fut
+        return await e(req)
+
+    orch = _orch(model, coalesced, c, FailoverConfig(attempts=2, failures_to_trip=2, cooldown_s=10.0))
+
+    async def run():
+        return await asyncio.gather(*(orch.answer(x, VERSION) for _ in range(8)))
+
+    answers = asyncio.run(run())
+    assert [a.path for a in answers] == ["edge_first"] * 8  # every retry went to the edge again
+    assert all(a.device_failures == 1 and torch.equal(a.logits, ref.logits) for a in answers)
+    assert len(e.calls) == 8 and orch.views["edge"].failures == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -14,6 +15,7 @@ from PIL import Image
 
 from dynray.errors import ConfigError, RequestError
 from dynray.serving.payload import (
+    read_body,
     ALLOWED_KEYS,
     DecodedRequest,
     ErrorResponse,
@@ -383,3 +385,27 @@ def test_fuzz_only_request_errors_or_success(caplog):
             outcomes["ok"] += 1
     assert outcomes[400] > 100 and outcomes[422] > 100 and outcomes["ok"] > 10  # it reaches past parsing
     assert not [r for r in caplog.records if r.name == "dynray.serving.payload"], "a parser gap was wrapped"
+
+
+async def _counted(n_chunks: int, size: int, consumed: list[int]):
+    for _ in range(n_chunks):
+        consumed.append(size)
+        yield b"x" * size
+
+
+def test_read_body_stops_at_the_chunk_that_passes_the_limit():
+    consumed: list[int] = []
+    with pytest.raises(RequestError) as e:
+        asyncio.run(read_body(_counted(1000, 100, consumed), 1000))
+    assert e.value.status == 413 and "stopped reading" in e.value.message
+    assert len(consumed) == 11  # 1100 bytes > 1000: the 989 chunks after it were never pulled
+    assert asyncio.run(read_body(_counted(10, 100, []), 1000)) == b"x" * 1000  # exactly the limit is fine
+
+
+@pytest.mark.parametrize("declared, status", [("1001", 413), ("-5", 400), ("ten", 400), ("\u0663", 400), ("", 400)])
+def test_read_body_checks_a_declared_length_before_reading(declared, status):
+    consumed: list[int] = []
+    with pytest.raises(RequestError) as e:
+        asyncio.run(read_body(_counted(5, 100, consumed), 1000, declared))
+    assert e.value.status == status and consumed == []
+    assert asyncio.run(read_body(_counted(5, 100, []), 1000, " 500 ")) == b"x" * 500

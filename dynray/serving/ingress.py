@@ -1,0 +1,249 @@
+"""What the HTTP ingress answers, without Ray or FastAPI: the served plan and the endpoints.
+
+``actors/app.py`` wires this onto FastAPI and Serve: it builds the device calls, hands each
+request's body chunks and headers to :class:`IngressCore`, and sends the :class:`Reply`.
+Every status an answer can get is decided here, so unit tests cover it:
+
+- before the first reconfigure there is no :class:`ServedPlan`: health, models and predict
+  answer 503 JSON (``{"error": "not ready ..."}``), never a 500;
+- a client error is its 4xx ``{"error"}``; no tier is 503 with Retry-After; anything
+  unexpected is 500 ``{"error": "internal error", "request_id"}``, logged with the id and
+  counted under ``dynray_errors_total{status="500"}``;
+- every reply carries ``X-Request-Id``: the client's own when it sent a plain one, else a new id.
+  (Behind Serve's proxy the request always has one: the proxy puts the client's or a fresh
+  id on the request and on its response.)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from dynray.errors import DynrayError, RequestError
+from dynray.registry import ModelRegistry, default_home
+from dynray.routing.costs import RouteCosts
+from dynray.routing.features import CostWeights
+from dynray.routing.policy import find_policy
+from dynray.routing.rules import ROUTERS, RouteContext
+from dynray.serving import metrics as M
+from dynray.serving.config import CLOUD, EDGE, AppArgs, IngressUserConfig
+from dynray.serving.failover import Answer, DeviceCall, FailoverConfig, Orchestrator
+from dynray.serving.payload import PayloadLimits, decode_request, read_body
+from dynray.serving.scheduling import DeviceProfile, NoDeviceAvailable, SchedulingPolicy, request_cost
+from dynray.serving.split import TrafficSplit
+
+__all__ = ["RETRY_AFTER_S", "REQUEST_ID_HEADER", "Reply", "ServedPlan", "build_plan", "request_id", "IngressCore"]
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 1
+REQUEST_ID_HEADER = "X-Request-Id"
+_PLAIN_ID = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII: safe to log and to send back
+_NOT_READY = "not ready: the ingress has no served model versions yet (its first reconfigure has not finished)"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP answer: status, JSON body, headers."""
+
+    status: int
+    body: dict
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServedPlan:
+    """Everything a reconfigure resolves: the versions, their split and limits, the request plan."""
+
+    split: TrafficSplit
+    limits: PayloadLimits
+    orch: Orchestrator
+    profiles: dict[str, DeviceProfile]
+    routers: dict[str, str | None]
+    """Served version -> its registered PPO router's ref, or None."""
+    nominal_ms: dict[str, float] | None = None
+    """Call times the routers were trained with (see ``Orchestrator.load_snapshot``)."""
+    weights: CostWeights = field(default_factory=CostWeights)
+
+
+def build_plan(args: AppArgs, cfg: IngressUserConfig, policy: SchedulingPolicy, *, edge: DeviceCall | None, cloud: DeviceCall | None,
+               origin: str = "local", previous: ServedPlan | None = None) -> ServedPlan:
+    """Resolve ``cfg``'s refs in the registry, check they agree, and build the plan.
+
+    The new orchestrator keeps what ``previous`` learnt about the tiers (breaker, loads).
+    """
+    reg = ModelRegistry(default_home(cfg.home or args.home))
+    infos = [reg.resolve(ref) for ref in cfg.models]
+    shapes = {tuple(i.meta["config"]["input_shape"]) for i in infos}
+    if len(shapes) != 1:
+        raise DynrayError("served versions must share one input shape", got=sorted(shapes), fix="serve models trained on the same dataset")
+    macs = infos[0].meta["macs"]
+    k = args.edge_stages
+    found = {i.ref: find_policy(reg, i) for i in infos}
+    # the call times the routers were trained with (their "normal"); see Orchestrator.load_snapshot
+    costs = next((r.meta["costs"] for r in found.values() if r is not None and r.meta.get("costs")), None)
+    profiles = {t: getattr(args, t).device_profile(t) for t in ("edge", "cloud")}
+    orch = Orchestrator(
+        FailoverConfig(deadline_s=args.deadline_ms / 1000, edge_timeout_s=args.edge_timeout_ms / 1000, cloud_timeout_s=args.cloud_timeout_ms / 1000,
+                       failures_to_trip=args.breaker_failures, cooldown_s=args.breaker_cooldown_ms / 1000),
+        policy,
+        edge=edge,
+        cloud=cloud,
+        edge_stages=k,
+        edge_macs=sum(macs["stage"][:1]) + macs["exit"][0],  # start estimate: every sample leaves at the first exit
+        cloud_rest_macs=sum(macs["stage"][k:]) + sum(macs["exit"][k:]),
+        full_macs=macs["full"],
+        profiles=profiles,
+        origin=origin,
+    )
+    if previous is not None:
+        orch.adopt(previous.orch)
+    return ServedPlan(
+        split=TrafficSplit.of([i.ref for i in infos], cfg.weights),
+        limits=PayloadLimits(input_shape=shapes.pop(), max_items=args.max_items, max_body_bytes=args.max_body_bytes),
+        orch=orch,
+        profiles=profiles,
+        routers={ref: (r.ref if r is not None else None) for ref, r in found.items()},
+        nominal_ms={t: RouteCosts.from_dict(costs).typical_call_ms(t) for t in ("edge", "cloud")} if costs else None,
+        weights=CostWeights(cost=args.lambda_cost, lat=args.lambda_lat),
+    )
+
+
+def request_id(given: str | None) -> str:
+    """The client's ``X-Request-Id`` if it is plain (1-128 visible ASCII characters), else a fresh one."""
+    if given and _PLAIN_ID.fullmatch(given):
+        return given
+    return uuid.uuid4().hex[:16]
+
+
+class IngressCore:
+    """The ingress's state and endpoints; ``plan`` is None until the first :meth:`configure`."""
+
+    def __init__(self, args: AppArgs, metrics: M.MetricsSink, *, tiers: tuple[str, ...]) -> None:
+        self.args, self.metrics, self.tiers = args, metrics, tiers
+        self.plan: ServedPlan | None = None
+
+    def configure(self, plan: ServedPlan) -> None:
+        self.plan = plan  # one assignment: a request in flight keeps the plan it started with
+
+    @property
+    def orch(self) -> Orchestrator | None:
+        return self.plan.orch if self.plan is not None else None
+
+    # -- POST /v1/predict -------------------------------------------------------------
+    async def predict(self, chunks: AsyncIterable[bytes], headers: Mapping[str, str]) -> Reply:
+        """Answer one predict request. ``headers``: lower-case names (Starlette's are case-insensitive)."""
+        rid = request_id(headers.get("x-request-id"))
+        ids = {REQUEST_ID_HEADER: rid}
+        t0 = time.perf_counter()
+        try:
+            plan = self.plan
+            if plan is None:
+                raise NoDeviceAvailable(_NOT_READY, fix="retry after the Retry-After delay; GET /v1/health answers 200 once ready")
+            body = await read_body(chunks, plan.limits.max_body_bytes, headers.get("content-length"))
+            dec = decode_request(body, headers.get("content-type"), plan.limits)
+            router = dec.router or self.args.router
+            if router not in ROUTERS:
+                raise RequestError("unknown router", status=422, got=router, fix=f"use one of {', '.join(ROUTERS)} or omit it")
+            version = plan.split.pick(dec.model_version)
+            if router == "ppo" and plan.routers.get(version) is None:
+                raise RequestError(f"no PPO router is registered for {version}", status=422, got=router, fix=f"train one with `dynray router train --model {version}`, or ask for 'hybrid' (falls back to thresholds) or 'thresholds'")
+            route = None if router == "thresholds" else RouteContext(router, plan.orch.load_snapshot(plan.nominal_ms), plan.weights)
+            ans = await plan.orch.answer(dec.images, version, route)
+            latency_ms = (time.perf_counter() - t0) * 1000
+            out = _answer_body(ans, plan, version, router, latency_ms)
+            self._record(plan, version, ans, latency_ms)
+            return Reply(200, out, ids)
+        except RequestError as e:
+            self.metrics.inc(M.REJECTED, tags={M.TAG_STATUS: str(e.status)})
+            return Reply(e.status, {"error": e.message, "request_id": rid}, ids)
+        except NoDeviceAvailable as e:
+            self.metrics.inc(M.FAILOVERS)
+            self.metrics.inc(M.ERRORS, tags={M.TAG_STATUS: "503"})
+            return Reply(503, {"error": e.message, "request_id": rid}, {**ids, "Retry-After": str(RETRY_AFTER_S)})
+        except Exception:  # noqa: BLE001 - the catch-all: a bug answers a JSON 500 with the id to quote, never a bare traceback
+            return self._internal_error(rid, "predict")
+
+    def _internal_error(self, rid: str, endpoint: str) -> Reply:
+        log.exception("internal error in %s, request_id=%s", endpoint, rid)
+        try:
+            self.metrics.inc(M.ERRORS, tags={M.TAG_STATUS: "500"})
+        except Exception:  # noqa: BLE001 - counting must not turn the 500 into a crash
+            log.exception("could not count the internal error, request_id=%s", rid)
+        return Reply(500, {"error": "internal error", "request_id": rid}, {REQUEST_ID_HEADER: rid})
+
+    def _record(self, plan: ServedPlan, version: str, ans: Answer, latency_ms: float) -> None:
+        plan.split.record(version)
+        self.metrics.inc(M.REQUESTS, tags={M.TAG_VERSION: version, M.TAG_PATH: ans.path})
+        for tier in set(ans.tier):
+            self.metrics.inc(M.SAMPLES, ans.tier.count(tier), tags={M.TAG_VERSION: version, M.TAG_TIER: tier})
+        if ans.escalated:
+            self.metrics.inc(M.ESCALATED, ans.escalated, tags={M.TAG_VERSION: version})
+        n_deg = int(ans.degraded.sum())
+        if n_deg:
+            self.metrics.inc(M.DEGRADED, n_deg, tags={M.TAG_VERSION: version})
+        self.metrics.observe(M.LATENCY_MS, latency_ms, tags={M.TAG_VERSION: version})
+
+    # -- GET /v1/health, /v1/models ----------------------------------------------------
+    def health(self, deployments: Mapping[str, dict], headers: Mapping[str, str] | None = None) -> Reply:
+        """Readiness: 200 when a tier is up. ``deployments``: name -> {"status", "replicas": {state: n}}."""
+        rid = request_id((headers or {}).get("x-request-id"))
+        try:
+            plan, now = self.plan, time.monotonic()
+            tiers = {}
+            for tier, name in (("edge", EDGE), ("cloud", CLOUD)):
+                if tier not in self.tiers:
+                    continue
+                running = deployments.get(name, {}).get("replicas", {}).get("RUNNING", 0)
+                tiers[tier] = {"up": plan is not None and running > 0 and plan.orch.views[tier].available(now), "replicas": running}
+            ready = plan is not None and any(t["up"] for t in tiers.values())
+            body = {"status": "ok" if ready else "unavailable", "ready": ready, "tiers": tiers, "deployments": dict(deployments)}
+            if plan is None:
+                body["error"] = _NOT_READY
+            elif not ready:
+                body["error"] = "no tier is up: " + ", ".join(f"{t} ({v['replicas']} running)" for t, v in tiers.items())
+            return Reply(200 if ready else 503, body, {REQUEST_ID_HEADER: rid})
+        except Exception:  # noqa: BLE001
+            return self._internal_error(rid, "health")
+
+    def models(self, headers: Mapping[str, str] | None = None) -> Reply:
+        """The served versions, the A/B split and the routers; 503 before the first reconfigure."""
+        rid = request_id((headers or {}).get("x-request-id"))
+        ids = {REQUEST_ID_HEADER: rid}
+        try:
+            plan = self.plan
+            if plan is None:
+                return Reply(503, {"error": _NOT_READY, "request_id": rid}, {**ids, "Retry-After": str(RETRY_AFTER_S)})
+            a = self.args
+            return Reply(200, {**plan.split.describe(), "system": a.system, "policy": a.policy, "edge_stages": a.edge_stages, "router": a.router,
+                               "ppo_routers": plan.routers, "router_load": plan.orch.load_snapshot(plan.nominal_ms).__dict__}, ids)
+        except Exception:  # noqa: BLE001
+            return self._internal_error(rid, "models")
+
+
+def _answer_body(ans: Answer, plan: ServedPlan, version: str, router: str, latency_ms: float) -> dict:
+    probs = torch.softmax(ans.logits, dim=1)
+    macs_by_tier = {t: m.double() for t, m in ans.macs.items()}
+    total_macs = sum(macs_by_tier.values())
+    rerouted = ans.rerouted if ans.rerouted is not None else torch.zeros_like(ans.degraded)
+    return {
+        "predictions": probs.argmax(dim=1).tolist(),
+        "probabilities": probs.tolist(),
+        "exit": ans.exit_index.tolist(),
+        "tier": ans.tier,
+        "model_version": version,
+        "router": router,
+        "degraded": bool(ans.degraded.any() or rerouted.any()),
+        "latency_ms": latency_ms,
+        "degraded_mask": ans.degraded.tolist(),
+        "expert_rerouted": rerouted.tolist(),
+        "macs": total_macs.long().tolist(),
+        "cost": request_cost({t: float(m.sum()) for t, m in macs_by_tier.items()}, plan.profiles),
+        "path": ans.path,
+        "device_failures": ans.device_failures,
+    }
