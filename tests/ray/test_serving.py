@@ -352,6 +352,7 @@ def test_batches_fill_under_concurrency(served):
     """Concurrent single-image requests share device forwards (ingress coalescing + @serve.batch)."""
     x = load_dataset("mnist-5k", "test").images[:64]
     before = _edge_stats()
+    # 32 in flight: each of the two ingress replicas coalesces about half of them
     res = run_load_sync(LoadConfig(url=f"{served['url']}/v1/predict", requests=400, concurrency=32), lambda i: encode_array(x[i % 64][None]))
     assert res.errors == 0
     after = _edge_stats()
