@@ -122,8 +122,8 @@ class Ingress:
         self.handles = {"edge": edge, "cloud": cloud}
         self._edge_call = _device_call(edge) if edge is not None else None
         self._cloud_call = _device_call(cloud) if cloud is not None else None
-        self._edge_coalesced.set_batch_wait_timeout_s(self.args.coalesce_wait_ms / 1000)
-        self.policy = get_policy(self.args.policy)
+        self._edge_coalesced.set_batch_wait_timeout_s(self.args.ingress.coalesce_wait_ms / 1000)
+        self.policy = get_policy(self.args.scheduling.policy)
         self.replica = _replica_id()
         self.core = IngressCore(self.args, _ServeMetrics(), tiers=tuple(t for t, h in self.handles.items() if h is not None))
         self._status_cache: tuple[float, dict] = (0.0, {})
@@ -139,7 +139,7 @@ class Ingress:
 
     async def _sync_forever(self) -> None:
         """Every period: push this replica's view of the tiers to RoutingState, apply the merge."""
-        sync, period, failing = ReplicaSync(self.replica), self.args.routing_sync_period_s, False
+        sync, period, failing = ReplicaSync(self.replica), self.args.ingress.routing_sync_period_s, False
         while True:
             await asyncio.sleep(period)
             orch = self.core.orch
@@ -239,7 +239,7 @@ def _experts(args: AppArgs, home: str) -> list:
             num_replicas=x.replicas,
             max_ongoing_requests=64,
             ray_actor_options={"num_cpus": x.num_cpus, "resources": x.resources or {"cloud": 1}},
-            health_check_period_s=args.health_check_period_s,
+            health_check_period_s=args.failover.health_check_period_s,
             graceful_shutdown_wait_loop_s=0.1,
             graceful_shutdown_timeout_s=1.0,
             user_config={"models": list(args.models), "home": home},
@@ -264,17 +264,17 @@ def _device(tier: str, name: str, t: TierArgs, args: AppArgs, home: str, *, last
             "look_back_period_s": t.look_back_period_s,
         },
         ray_actor_options={"num_cpus": t.num_cpus, "resources": t.resources or {tier: 1}},
-        health_check_period_s=args.health_check_period_s,
+        health_check_period_s=args.failover.health_check_period_s,
         health_check_timeout_s=10.0,
         graceful_shutdown_wait_loop_s=0.1,
         graceful_shutdown_timeout_s=1.0,
         user_config={"models": list(args.models), "home": home},
     )
-    if args.replica_router == "policy":
+    if args.scheduling.replica_router == "policy":
         opts["request_router_config"] = RequestRouterConfig(
             request_router_class="actors.routing:LoadAwareRouter",
-            request_router_kwargs={"policy": args.policy},
-            request_routing_stats_period_s=args.routing_stats_period_s,
+            request_router_kwargs={"policy": args.scheduling.policy},
+            request_routing_stats_period_s=args.scheduling.routing_stats_period_s,
         )
     return serve.deployment(**opts)(Device).bind(
         profile=t.device_profile(tier).to_dict(),
@@ -284,7 +284,7 @@ def _device(tier: str, name: str, t: TierArgs, args: AppArgs, home: str, *, last
         threads=t.threads,
         max_batch_size=t.max_batch_size,
         batch_wait_ms=t.batch_wait_ms,
-        hybrid={"min_confidence": args.hybrid_min_confidence, "rl_weight": args.hybrid_rl_weight},
+        hybrid={"min_confidence": args.router.hybrid_min_confidence, "rl_weight": args.router.hybrid_rl_weight},
         experts=experts or None,
         expert_timeout_ms=args.experts.timeout_ms,
     )
@@ -307,23 +307,23 @@ def build_app(args: AppArgs | dict):
     else:  # edge_only: the plain full model on edge devices
         edge = _device("edge", EDGE, args.edge, args, home, last_stage=None, full=True, experts=experts)
     state = None
-    if args.ingress_replicas > 1:  # one replica needs nobody to share with
+    if args.ingress.replicas > 1:  # one replica needs nobody to share with
         state = serve.deployment(
             name=ROUTING_STATE,
             num_replicas=1,
             max_ongoing_requests=256,
             ray_actor_options={"num_cpus": 0},
-            health_check_period_s=args.health_check_period_s,
+            health_check_period_s=args.failover.health_check_period_s,
             graceful_shutdown_wait_loop_s=0.1,
             graceful_shutdown_timeout_s=1.0,
-        )(RoutingState).bind(expire_s=max(3.0, 6 * args.routing_sync_period_s))
+        )(RoutingState).bind(expire_s=max(3.0, 6 * args.ingress.routing_sync_period_s))
     ingress = serve.deployment(
         name=INGRESS,
-        num_replicas=args.ingress_replicas,
-        max_ongoing_requests=args.ingress_max_ongoing_requests,
+        num_replicas=args.ingress.replicas,
+        max_ongoing_requests=args.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
         user_config={"models": list(args.models), "weights": args.weights, "home": home},
-        health_check_period_s=args.health_check_period_s,
+        health_check_period_s=args.failover.health_check_period_s,
         graceful_shutdown_wait_loop_s=0.1,
         graceful_shutdown_timeout_s=1.0,
     )(Ingress)

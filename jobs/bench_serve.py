@@ -71,7 +71,7 @@ def system_config(base: dict, system: str, ref: str, home: str, port: int, *, ro
     args = app["args"]
     args.update(system=system, home=home, models=[ref])
     if router is not None:
-        args["router"] = router
+        args["router"] = {**args.get("router", {}), "kind": router}
     for tier in ("edge", "cloud"):
         t = args.get(tier, {})
         n = t.get("min_replicas", 1)

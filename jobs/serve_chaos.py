@@ -200,5 +200,5 @@ def kill_devices_under_load(cfg: ChaosConfig, images: np.ndarray, deployments: t
 def kill_ingress_under_load(cfg: ChaosConfig, images: np.ndarray) -> ChaosResult:
     """Kill one ingress replica under load; ``answered`` counts ``cfg.retries`` client retries."""
     if len(replicas(cfg.app, INGRESS)) < 2:
-        raise ServingError("killing the only ingress replica proves nothing", got=len(replicas(cfg.app, INGRESS)), fix="deploy with ingress_replicas: 2 (the default)")
+        raise ServingError("killing the only ingress replica proves nothing", got=len(replicas(cfg.app, INGRESS)), fix="deploy with ingress: {replicas: 2} (the default)")
     return _under_load(cfg, images, (INGRESS,))

@@ -29,6 +29,10 @@ __all__ = [
     "expert_name",
     "TierArgs",
     "ExpertArgs",
+    "IngressArgs",
+    "FailoverArgs",
+    "SchedulingArgs",
+    "RouterArgs",
     "AppArgs",
     "DeviceUserConfig",
     "IngressUserConfig",
@@ -91,38 +95,34 @@ class ExpertArgs(_Strict):
     timeout_ms: float = Field(2000.0, gt=0, description="one dispatch's deadline; an expert that misses it is failed over to the next-best expert")
 
 
-class AppArgs(_Strict):
-    """Arguments of ``actors.app:build_app``: which system to serve and how."""
+class IngressArgs(_Strict):
+    """The HTTP ingress: replicas, request limits, coalescing and the routing-state sync."""
 
-    system: Literal["dynray", "all_cloud", "edge_only", "noop"] = Field("dynray", description="dynray graph, or a baseline")
-    home: str | None = Field(None, description="registry directory (default: $DYNRAY_HOME or ./.dynray)")
-    models: list[str] = Field(default_factory=lambda: ["production"], description="registry refs served at start")
-    weights: list[float] | None = Field(None, description="A/B traffic share per model (default: all to the first)")
-    edge_stages: int = Field(2, ge=1, description="stages hosted on the edge tier; the cloud hosts the whole model")
-    policy: str = Field("latency", description="scheduling policy: latency, cost or balanced")
-    edge: TierArgs = Field(default_factory=lambda: TierArgs(min_replicas=2, max_replicas=4))
-    cloud: TierArgs = Field(default_factory=lambda: TierArgs(min_replicas=1, max_replicas=2))
-    simulate: bool = Field(True, description="inject each profile's rtt and speed as delay (one-machine simulation)")
+    replicas: int = Field(2, ge=1, description="ingress replicas; with 2 or more one can die without a gap (they share routing state)")
+    max_ongoing_requests: int = Field(256, ge=1, description="the ingress is pass-through; keep it high")
+    max_items: int = Field(256, ge=1, description="batch limit per HTTP request")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="HTTP body size limit (checked while the body streams in)")
+    coalesce_wait_ms: float = Field(0.0, ge=0, description="wait to coalesce concurrent requests into one edge call (0 = adaptive)")
+    routing_sync_period_s: float = Field(0.5, gt=0, description="how often each replica pushes what it saw of the tiers and pulls the merged view (off the request path)")
+
+
+class FailoverArgs(_Strict):
+    """Deadlines, per-call timeouts, the per-tier circuit breaker and replica health checks."""
+
     deadline_ms: float = Field(3000.0, gt=0, description="per-request deadline across all retries")
     edge_timeout_ms: float = Field(1000.0, gt=0, description="timeout of one edge call")
     cloud_timeout_ms: float = Field(1000.0, gt=0, description="timeout of one cloud call before degrading")
     breaker_failures: int = Field(2, ge=1, description="consecutive failures (one per wave of calls in flight together) that mark a tier down")
     breaker_cooldown_ms: float = Field(1000.0, gt=0, description="how long a tier marked down is skipped before it is tried again")
-    max_items: int = Field(256, ge=1, description="batch limit per HTTP request")
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="HTTP body size limit")
-    ingress_max_ongoing_requests: int = Field(256, ge=1, description="the ingress is pass-through; keep it high")
-    ingress_replicas: int = Field(2, ge=1, description="ingress replicas; with 2 or more one can die without a gap (they share routing state)")
-    routing_sync_period_s: float = Field(0.5, gt=0, description="how often each ingress replica pushes what it saw of the tiers and pulls the merged view (off the request path)")
-    coalesce_wait_ms: float = Field(0.0, ge=0, description="ingress wait to coalesce concurrent requests into one edge call (0 = adaptive)")
-    health_check_period_s: float = Field(1.0, gt=0, description="fast replacement of killed replicas (~2.6 s at 1 s)")
-    replica_router: Literal["policy", "serve_default"] = Field("policy", description="replica choice inside a tier: the scheduling policy (custom Serve request router) or Serve's power-of-two-choices")
+    health_check_period_s: float = Field(1.0, gt=0, description="Serve health-check period of every deployment: fast replacement of killed replicas (~2.6 s at 1 s)")
+
+
+class SchedulingArgs(_Strict):
+    """Which replica of a tier gets a call."""
+
+    policy: str = Field("latency", description="scheduling policy: latency, cost or balanced")
+    replica_router: Literal["policy", "serve_default"] = Field("policy", description="the scheduling policy as a custom Serve request router, or Serve's power-of-two-choices")
     routing_stats_period_s: float = Field(0.5, gt=0, description="how often replicas report load to the request router")
-    router: Literal["thresholds", "ppo", "hybrid"] = Field("thresholds", description="stop/escalate router: calibrated thresholds, the PPO policy, or hybrid (policy when sure, thresholds otherwise); a request may override it")
-    lambda_cost: float = Field(0.01, ge=0, description="PPO/hybrid cost weight per cost unit (the operating point)")
-    lambda_lat: float = Field(0.0005, ge=0, description="PPO/hybrid latency weight per ms")
-    hybrid_min_confidence: float = Field(0.9, gt=0, le=1, description="least policy action probability at which the hybrid lets the policy decide")
-    hybrid_rl_weight: float = Field(0.8, ge=0, le=1, description="hybrid's trust in the policy")
-    experts: ExpertArgs = Field(default_factory=ExpertArgs, description="remote MoE experts (count 0: local)")
 
     @field_validator("policy")
     @classmethod
@@ -130,6 +130,64 @@ class AppArgs(_Strict):
         if v not in policy_names():
             raise ValueError(f"unknown scheduling policy {v!r}; known: {', '.join(policy_names())}")
         return v
+
+
+class RouterArgs(_Strict):
+    """The stop/escalate router and the operating point of the learned one."""
+
+    kind: Literal["thresholds", "ppo", "hybrid"] = Field("thresholds", description="calibrated thresholds, the PPO policy, or hybrid (policy when sure, thresholds otherwise); a request may override it")
+    lambda_cost: float = Field(0.01, ge=0, description="PPO/hybrid cost weight per cost unit (the operating point)")
+    lambda_lat: float = Field(0.0005, ge=0, description="PPO/hybrid latency weight per ms")
+    hybrid_min_confidence: float = Field(0.9, gt=0, le=1, description="least policy action probability at which the hybrid lets the policy decide")
+    hybrid_rl_weight: float = Field(0.8, ge=0, le=1, description="hybrid's trust in the policy")
+
+
+# flat names of the 0.x args (``ingress_replicas: 2``) -> their group; the group's field drops the prefix
+_MOVED = {
+    **{f"ingress_{f}" if f in ("replicas", "max_ongoing_requests") else f: ("ingress", f) for f in IngressArgs.model_fields},
+    **{f: ("failover", f) for f in FailoverArgs.model_fields},
+    **{f: ("scheduling", f) for f in SchedulingArgs.model_fields},
+    **{f: ("router", f) for f in RouterArgs.model_fields if f != "kind"},
+}
+
+
+class AppArgs(_Strict):
+    """Arguments of ``actors.app:build_app``: which system to serve and how.
+
+    Grouped the way RLlib groups an algorithm config: the top level says what is served
+    (system, models, split, the edge/cloud partition); each group configures one part:
+    ``edge``/``cloud`` (:class:`TierArgs`), ``experts``, ``ingress``, ``failover``,
+    ``scheduling`` and ``router``.
+    """
+
+    system: Literal["dynray", "all_cloud", "edge_only", "noop"] = Field("dynray", description="dynray graph, or a baseline")
+    home: str | None = Field(None, description="registry directory (default: $DYNRAY_HOME or ./.dynray)")
+    models: list[str] = Field(default_factory=lambda: ["production"], description="registry refs served at start")
+    weights: list[float] | None = Field(None, description="A/B traffic share per model (default: all to the first)")
+    edge_stages: int = Field(2, ge=1, description="stages hosted on the edge tier; the cloud hosts the whole model")
+    simulate: bool = Field(True, description="inject each profile's rtt and speed as delay (one-machine simulation)")
+    edge: TierArgs = Field(default_factory=lambda: TierArgs(min_replicas=2, max_replicas=4))
+    cloud: TierArgs = Field(default_factory=lambda: TierArgs(min_replicas=1, max_replicas=2))
+    experts: ExpertArgs = Field(default_factory=ExpertArgs, description="remote MoE experts (count 0: local)")
+    ingress: IngressArgs = Field(default_factory=IngressArgs)
+    failover: FailoverArgs = Field(default_factory=FailoverArgs)
+    scheduling: SchedulingArgs = Field(default_factory=SchedulingArgs)
+    router: RouterArgs = Field(default_factory=RouterArgs)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_names(cls, data: object) -> object:
+        """A flat name of the old args is an error that names its new place."""
+        if not isinstance(data, dict):
+            return data
+        moved = {k: _MOVED[k] for k in data if k in _MOVED}
+        if isinstance(data.get("router"), str):
+            moved["router"] = ("router", "kind")
+        if moved:
+            k, (group, field) = next(iter(moved.items()))
+            raise ValueError(f"`{k}` is now `{group}.{field}`: write `{group}: {{{field}: {data[k]!r}}}`"
+                             + (f" (and {len(moved) - 1} more flat name(s): {', '.join(list(moved)[1:])})" if len(moved) > 1 else ""))
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> AppArgs:

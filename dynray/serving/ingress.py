@@ -88,9 +88,10 @@ def build_plan(args: AppArgs, cfg: IngressUserConfig, policy: SchedulingPolicy, 
     # the call times the routers were trained with (their "normal"); see Orchestrator.load_snapshot
     costs = next((r.meta["costs"] for r in found.values() if r is not None and r.meta.get("costs")), None)
     profiles = {t: getattr(args, t).device_profile(t) for t in ("edge", "cloud")}
+    f = args.failover
     orch = Orchestrator(
-        FailoverConfig(deadline_s=args.deadline_ms / 1000, edge_timeout_s=args.edge_timeout_ms / 1000, cloud_timeout_s=args.cloud_timeout_ms / 1000,
-                       failures_to_trip=args.breaker_failures, cooldown_s=args.breaker_cooldown_ms / 1000),
+        FailoverConfig(deadline_s=f.deadline_ms / 1000, edge_timeout_s=f.edge_timeout_ms / 1000, cloud_timeout_s=f.cloud_timeout_ms / 1000,
+                       failures_to_trip=f.breaker_failures, cooldown_s=f.breaker_cooldown_ms / 1000),
         policy,
         edge=edge,
         cloud=cloud,
@@ -105,12 +106,12 @@ def build_plan(args: AppArgs, cfg: IngressUserConfig, policy: SchedulingPolicy, 
         orch.adopt(previous.orch)
     return ServedPlan(
         split=TrafficSplit.of([i.ref for i in infos], cfg.weights),
-        limits=PayloadLimits(input_shape=shapes.pop(), max_items=args.max_items, max_body_bytes=args.max_body_bytes),
+        limits=PayloadLimits(input_shape=shapes.pop(), max_items=args.ingress.max_items, max_body_bytes=args.ingress.max_body_bytes),
         orch=orch,
         profiles=profiles,
         routers={ref: (r.ref if r is not None else None) for ref, r in found.items()},
         nominal_ms={t: RouteCosts.from_dict(costs).typical_call_ms(t) for t in ("edge", "cloud")} if costs else None,
-        weights=CostWeights(cost=args.lambda_cost, lat=args.lambda_lat),
+        weights=CostWeights(cost=args.router.lambda_cost, lat=args.router.lambda_lat),
     )
 
 
@@ -147,7 +148,7 @@ class IngressCore:
                 raise NoDeviceAvailable(_NOT_READY, fix="retry after the Retry-After delay; GET /v1/health answers 200 once ready")
             body = await read_body(chunks, plan.limits.max_body_bytes, headers.get("content-length"))
             dec = decode_request(body, headers.get("content-type"), plan.limits)
-            router = dec.router or self.args.router
+            router = dec.router or self.args.router.kind
             if router not in ROUTERS:
                 raise RequestError("unknown router", status=422, got=router, fix=f"use one of {', '.join(ROUTERS)} or omit it")
             version = plan.split.pick(dec.model_version)
@@ -220,7 +221,7 @@ class IngressCore:
             if plan is None:
                 return Reply(503, {"error": _NOT_READY, "request_id": rid}, {**ids, "Retry-After": str(RETRY_AFTER_S)})
             a = self.args
-            return Reply(200, {**plan.split.describe(), "system": a.system, "policy": a.policy, "edge_stages": a.edge_stages, "router": a.router,
+            return Reply(200, {**plan.split.describe(), "system": a.system, "policy": a.scheduling.policy, "edge_stages": a.edge_stages, "router": a.router.kind,
                                "ppo_routers": plan.routers, "router_load": plan.orch.load_snapshot(plan.nominal_ms).__dict__}, ids)
         except Exception:  # noqa: BLE001
             return self._internal_error(rid, "models")

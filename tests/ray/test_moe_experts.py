@@ -108,7 +108,7 @@ def test_serve_graph_with_remote_experts(ray_session, moe_home, x_test):
         # the cloud call (where the MoE stage runs) outlasts an expert timeout, so a dead expert
         # shows as rerouted tokens, not as a cloud timeout; a slow health check keeps the killed
         # expert dead (not yet replaced) while the answers after the kill are checked
-        cloud_timeout_ms=6000, deadline_ms=12000, health_check_period_s=10.0,
+        failover={**app["args"]["failover"], "cloud_timeout_ms": 6000, "deadline_ms": 12000, "health_check_period_s": 10.0},
         edge={**app["args"]["edge"], "min_replicas": 1, "max_replicas": 1}, cloud={**app["args"]["cloud"], "min_replicas": 1, "max_replicas": 1},
     )
     args = D.AppArgs.model_validate(app["args"])

@@ -79,7 +79,7 @@ def served(ray_session, tmp_path_factory):
     cfg = D.load_config()
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
     app = cfg["applications"][0]
-    app["args"].update(home=str(home), models=[v1], breaker_cooldown_ms=3000, edge={**app["args"]["edge"], "min_replicas": 2, "max_replicas": 2}, cloud={**app["args"]["cloud"], "min_replicas": 1, "max_replicas": 1})
+    app["args"].update(home=str(home), models=[v1], failover={**app["args"]["failover"], "breaker_cooldown_ms": 3000}, edge={**app["args"]["edge"], "min_replicas": 2, "max_replicas": 2}, cloud={**app["args"]["cloud"], "min_replicas": 1, "max_replicas": 1})
     for d in app["deployments"]:
         d["user_config"] = {**d["user_config"], "models": [v1], "home": str(home)}
     D.deploy(cfg, timeout_s=180)
