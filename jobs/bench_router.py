@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dynray.bench import BenchResult, BenchTarget, check_bench_file, merge_section
 from dynray.bench.router import RouterBenchConfig, bench_router, plot_curves
+from dynray.bench.trace import LoadShift
 from dynray.errors import ConfigError
 from dynray.flags import guarded, parse, setup_logging
 from dynray.registry import ModelRegistry
@@ -39,6 +40,12 @@ class Config(BenchTarget):
     """Router ref (default: the newest registered for the model)."""
     router_minutes: float = PPOTrainConfig.minutes
     """PPO budget in minutes if a router must be trained first."""
+    shift_requests: int = LoadShift.requests
+    """Requests in the load-shift trace (the val trace that picks the learned routers' operating point uses at most 2000)."""
+
+    def __post_init__(self) -> None:
+        if self.shift_requests < 100:
+            raise ConfigError("--shift-requests must be at least 100 (the slow window is 40% of the trace)", got=self.shift_requests, fix=f"e.g. --shift-requests {LoadShift.requests}")
 
 
 def run(cfg: Config) -> BenchResult:
@@ -60,7 +67,7 @@ def run(cfg: Config) -> BenchResult:
     _, val = load_exit_cache(registry, stored.info.ref, "val")
     _, test = load_exit_cache(registry, stored.info.ref, "test")
     t0 = time.perf_counter()
-    section = bench_router(val, test, RouteCosts.from_dict(sp.meta["costs"]), sp.policy, stored.rule, RouterBenchConfig(), train_minutes=sp.meta.get("train_minutes"))
+    section = bench_router(val, test, RouteCosts.from_dict(sp.meta["costs"]), sp.policy, stored.rule, RouterBenchConfig(shift=LoadShift(requests=cfg.shift_requests)), train_minutes=sp.meta.get("train_minutes"))
     section.update({"model": stored.info.ref, "router": sp.info.ref, "dataset": stored.dataset, "bench_seconds": time.perf_counter() - t0})
     plot = Path(cfg.plot or Path(cfg.json).with_name(Path(cfg.json).stem + "_router.png"))
     plot.parent.mkdir(parents=True, exist_ok=True)

@@ -12,12 +12,14 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+from dynray.bench import BenchResult
+from dynray.errors import ConfigError
 from dynray.flags import guarded, parse, setup_logging
 from dynray.routing.ppo import PPOTrainConfig
 from dynray.training import TrainConfig
 from jobs import bench, calibrate, http_traffic, train, train_router
 
-__all__ = ["Config", "run", "main"]
+__all__ = ["Config", "Result", "run", "main"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +42,25 @@ class Config:
     """Most PPO iterations."""
     serve: bool = True
     """Step 5: deploy the Serve graph and send the test split over HTTP (--no-serve skips it)."""
+    http_limit: int | None = None
+    """Step 5 sends only the first N test images (default: the whole split)."""
+
+    def __post_init__(self) -> None:
+        if self.http_limit is not None and self.http_limit < 1:
+            raise ConfigError("--http-limit must be at least 1 image", got=self.http_limit, fix="e.g. --http-limit 300, or leave it out to send the whole test split")
+
+
+@dataclass(frozen=True)
+class Result:
+    """What each step produced."""
+
+    train: train.Result
+    calibrate: calibrate.Result
+    bench: BenchResult
+    router: train_router.Result
+    traffic: http_traffic.Result | None
+    """Step 5's HTTP run (None with --no-serve)."""
+    seconds: float
 
 
 def _say(msg: str) -> None:
@@ -50,11 +71,12 @@ def _indent(text: str, by: str = "      ") -> str:
     return "\n".join(by + line for line in text.splitlines())
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config) -> Result:
     t0 = time.perf_counter()
     steps = 5 if cfg.serve else 4
     tcfg = replace(train.Config(), dataset=cfg.dataset, epochs=cfg.epochs, workers=cfg.workers)
     tcfg.train_config()  # bad input fails before the first step
+    traffic = http_traffic.Config(dataset=cfg.dataset, split="test", concurrency=8, router="hybrid", limit=cfg.http_limit)
     _say(f"[1/{steps}] training a DynamicNet on {cfg.dataset} with Ray Train ({cfg.workers} workers, {cfg.epochs} epochs)")
     r = train.run(tcfg)
     _say(_indent(r.summary()))
@@ -63,21 +85,25 @@ def run(cfg: Config) -> int:
     cal = c.calibration
     _say(f"      {c.model}: val accuracy {cal['val_accuracy']:.4f} (last exit {cal['val_reference_accuracy']:.4f}), {cal['val_macs_saving']:.2f}x fewer MACs")
     _say(f"[3/{steps}] benchmarking {c.model} on the {cfg.dataset} test split -> {cfg.json}")
-    _say(bench.run(bench.CoreConfig(model=c.model, dataset=cfg.dataset, json=cfg.json)).summary().split("\n", 1)[1])
+    b = bench.run(bench.CoreConfig(model=c.model, dataset=cfg.dataset, json=cfg.json))
+    _say(b.summary().split("\n", 1)[1])
     _say(f"[4/{steps}] training the PPO router of {c.model} with RLlib (budget {cfg.router_minutes:g} min, at most {cfg.router_iterations} iterations)")
     ppo = replace(PPOTrainConfig(), minutes=cfg.router_minutes, iterations=cfg.router_iterations)
     rt = train_router.run(train_router.Config(model=c.model, ppo=ppo))
     _say(f"      registered {rt.router}: {rt.iterations} iterations in {rt.train_minutes:.1f} min")
+    t = None
     if cfg.serve:
         _say(f"[5/5] deploying the edge/cloud Serve graph with {c.model} and the hybrid router, sending the {cfg.dataset} test split over HTTP")
-        t = http_traffic.run(http_traffic.Config(model=c.model, dataset=cfg.dataset, split="test", concurrency=8, router="hybrid"))
+        t = http_traffic.run(replace(traffic, model=c.model))
         _say(_indent(t.summary()))
-    _say(f"demo finished in {time.perf_counter() - t0:.0f}s")
-    return 0
+    seconds = time.perf_counter() - t0
+    _say(f"demo finished in {seconds:.0f}s")
+    return Result(train=r, calibrate=c, bench=b, router=rt, traffic=t, seconds=seconds)
 
 
 def main(argv: list[str] | None = None, *, prog: str = "python -m jobs.demo") -> int:
-    return run(parse(Config, argv, prog=prog, description=__doc__))
+    run(parse(Config, argv, prog=prog, description=__doc__))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Ray job: deploy the dynray graph on the local Ray, send a split over HTTP, report what happened.
 
-    python -m jobs.http_traffic [--model REF] [--dataset D] [--split test] [--concurrency 8] [--router hybrid]
+    python -m jobs.http_traffic [--model REF] [--dataset D] [--split test] [--concurrency 8] [--router hybrid] [--limit N]
 
 The last step of the demo: every image of the split goes through the real HTTP API
 (``array_b64`` uint8, one image per request) with a closed-loop async client; the summary
@@ -17,6 +17,7 @@ from typing import Literal
 from dynray.bench.load import LoadConfig, run_load_sync
 from dynray.bench.serve import exit_mix, summarise, wire_images
 from dynray.data import load_dataset
+from dynray.errors import ConfigError
 from dynray.flags import guarded, parse, setup_logging
 from dynray.registry import ModelRegistry
 from dynray.serving.payload import encode_array
@@ -40,6 +41,14 @@ class Config:
     """Closed-loop HTTP concurrency."""
     router: Literal["thresholds", "ppo", "hybrid"] = "thresholds"
     """Stop/escalate router the graph serves with."""
+    limit: int | None = None
+    """Send only the first N images of the split (default: all of them)."""
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("--limit must be at least 1 image", got=self.limit, fix="e.g. --limit 300, or leave it out to send the whole split")
+        if self.concurrency < 1:
+            raise ConfigError("--concurrency must be at least 1", got=self.concurrency, fix="e.g. --concurrency 8")
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,8 @@ def run(cfg: Config) -> Result:
     reg = ModelRegistry()
     info = reg.resolve(cfg.model)
     split = load_dataset(cfg.dataset or info.meta["dataset"], cfg.split)
-    images, labels = wire_images(split), split.labels.numpy()
+    n = len(split) if cfg.limit is None else min(cfg.limit, len(split))
+    images, labels = wire_images(split)[:n], split.labels.numpy()[:n]
     connect(log_to_driver=False)
     port = free_port()
     D.deploy(system_config(D.load_config(), "dynray", info.ref, str(reg.home), port, router=cfg.router), timeout_s=180)

@@ -110,6 +110,7 @@ def test_serve_graph_with_remote_experts(ray_session, moe_home, x_test):
         # expert dead (not yet replaced) while the answers after the kill are checked
         failover={**app["args"]["failover"], "cloud_timeout_ms": 6000, "deadline_ms": 12000, "health_check_period_s": 10.0},
         edge={**app["args"]["edge"], "min_replicas": 1, "max_replicas": 1}, cloud={**app["args"]["cloud"], "min_replicas": 1, "max_replicas": 1},
+        ingress={**app["args"]["ingress"], "replicas": 1},  # the experts are under test: one ingress (and no routing state) saves two replica starts
     )
     args = D.AppArgs.model_validate(app["args"])
     cfg["applications"][0] = D.app_config(args, name=app["name"], route_prefix=app["route_prefix"])

@@ -1,7 +1,9 @@
 """The `dynray` CLI and every `python -m jobs.*` entrypoint, run as subprocesses.
 
 Every subprocess runs in an environment stripped the way a new user's shell is: HOME, a
-PATH with the venv first, the test's DYNRAY_HOME/DYNRAY_DATA, and no RAY_* variable.
+PATH with the venv first, the test's DYNRAY_HOME/DYNRAY_DATA, and no RAY_* variable. The
+long commands (the demo, the job entrypoints, the benches) run as one chain in one
+interpreter sharing one Ray (``chain`` in conftest.py); these tests read its results.
 """
 
 from __future__ import annotations
@@ -13,15 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from smoke_chain import Step  # tests/smoke is on sys.path (pytest's rootdir-less import mode)
 
 pytestmark = pytest.mark.smoke
 ROOT = Path(__file__).resolve().parents[2]
 DYNRAY = str(Path(sys.executable).with_name("dynray"))
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, clean_env):
-    return clean_env(tmp_path_factory.mktemp("dynray_home"))
 
 
 def run(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -29,18 +27,21 @@ def run(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="module")
-def demo(env, tmp_path_factory):
-    out = tmp_path_factory.mktemp("out") / "bench.json"
-    p = run([DYNRAY, "demo", "--epochs", "1", "--workers", "1", "--max-drop", "0.02", "--router-iterations", "2", "--json", str(out)], env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p, out
+def demo(chain, out_dir) -> tuple[Step, Path]:
+    return chain["demo"], out_dir / "bench.json"
+
+
+def _ok(step: Step) -> Step:
+    assert step.returncode == 0, f"{step.name}: rc {step.returncode}\n" + (step.stdout + step.stderr)[-3000:]
+    return step
 
 
 def test_demo_runs_end_to_end_on_a_small_configuration(demo):
     p, out = demo
+    _ok(p)
     assert "[5/5]" in p.stdout and "MAC saving" in p.stdout
     assert "registered dynnet-mnist-5k-router:v1" in p.stdout  # step 4 trained and registered a PPO router
-    assert "1000/1000 answered over HTTP by router hybrid" in p.stdout and "escalated to the cloud tier" in p.stdout
+    assert "300/300 answered over HTTP by router hybrid" in p.stdout and "escalated to the cloud tier" in p.stdout
     core = json.loads(out.read_text())["core"]
     assert core["dataset"] == "mnist-5k" and core["n_test"] == 1000
     assert core["macs_adaptive"] < core["macs_full"]
@@ -71,21 +72,15 @@ def test_models_list_show_promote(demo, env, monkeypatch, capsys):
     assert rc == 0 and "staging" in out
 
 
-def test_job_entrypoints(demo, env, tmp_path):
+def test_job_entrypoints(chain, out_dir):
     """train (an MoE model) -> calibrate -> bench core -> bench moe, each by its job entrypoint."""
-    p = run([sys.executable, "-m", "jobs.train", "--arch", "moe", "--epochs", "1", "--workers", "1", "--name", "jobs-smoke"], env)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = _ok(chain["train_moe"])
     assert "registered jobs-smoke:v1" in p.stdout and "experts: least share" in p.stdout + p.stderr
-    p = run([sys.executable, "-m", "jobs.calibrate", "--model", "jobs-smoke", "--macs-budget", "1000000"], env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "registered jobs-smoke:v2" in p.stdout
-    out = tmp_path / "b.json"
-    p = run([sys.executable, "-m", "jobs.bench", "core", "--model", "jobs-smoke:v2", "--json", str(out)], env)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert "registered jobs-smoke:v2" in _ok(chain["calibrate"]).stdout
+    _ok(chain["bench_core"])
+    out = out_dir / "b.json"
     assert json.loads(out.read_text())["core"]["macs_adaptive"] <= 1_000_000 * 1.5
-    # the MoE bench trains the missing dense twin, starts one actor per expert and compares
-    p = run([DYNRAY, "bench", "moe", "--model", "jobs-smoke:v2", "--moe-epochs", "1", "--moe-workers", "1", "--moe-latency-calls", "3", "--json", str(out)], env, timeout=600)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    _ok(chain["bench_moe"])
     m = json.loads(out.read_text())["moe"]
     assert m["model"] == "jobs-smoke:v2" and m["dense_model"] == "jobs-smoke-dense:v1" and m["seeds"] == 1
     assert m["actor_max_abs_diff"] <= 1e-5 and m["actor_rerouted"] == 0
@@ -95,27 +90,23 @@ def test_job_entrypoints(demo, env, tmp_path):
     assert "core" in json.loads(out.read_text())  # merged, not overwritten
 
 
-def test_nas_bench_with_darts_through_tune(env, tmp_path, monkeypatch, capsys):
+def test_nas_bench_with_darts_through_tune(chain, out_dir, env, monkeypatch, capsys):
     """`dynray bench nas --nas-searcher darts` on a tiny budget: the DARTS supernet searched,
     discretised, trained and measured as a Tune trial; the nas section, the front PNG and a
     registered config (the evolutionary and random searchers run in tests/ray)."""
-    out = tmp_path / "b.json"
-    tiny = ["--nas-searcher", "darts", "--nas-trials", "1", "--nas-darts-epochs", "1", "--nas-epochs", "1", "--nas-grace", "1", "--nas-train-limit", "256", "--nas-register-top", "1"]
-    p = run([DYNRAY, "bench", "nas", "--dataset", "mnist-5k", *tiny, "--json", str(out)], env, timeout=400)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    n = json.loads(out.read_text())["nas"]
+    p = _ok(chain["bench_nas"])
+    n = json.loads((out_dir / "nas_run" / "b.json").read_text())["nas"]
     assert n["searcher"] == "darts" and n["trials"] == 1 and n["status_counts"]["completed"] == 1 and len(n["front"]) == 1
     assert {"minutes", "asha_stopped_frac", "predictor_spearman", "dominates_default"} <= set(n)
-    assert Path(n["files"]["front"]).exists() and Path(n["files"]["table"]).parent == tmp_path / "nas"
+    assert Path(n["files"]["front"]).exists() and Path(n["files"]["table"]).parent == out_dir / "nas_run" / "nas"
     assert "Pareto front" in p.stdout and "registered: nas-mnist-5k:v1" in p.stdout
     meta = json.loads(_cli(["models", "show", "nas-mnist-5k:v1"], env, monkeypatch, capsys)[1])
     assert meta["nas"]["searcher"] == "darts" and meta["thresholds"]["thresholds"]
 
 
-def test_finetune_registers_a_child(demo, env):
-    p = run([DYNRAY, "finetune", "--model", "dynnet-mnist-5k:v2", "--epochs", "1", "--workers", "1", "--gradual", "--name", "ft"], env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    meta = json.loads(run([DYNRAY, "models", "show", "ft"], env).stdout)
+def test_finetune_registers_a_child(chain, env, monkeypatch, capsys):
+    _ok(chain["finetune"])
+    meta = json.loads(_cli(["models", "show", "ft"], env, monkeypatch, capsys)[1])
     assert meta["parent"] == "dynnet-mnist-5k:v2" and meta["training"]["finetune"]["gradual"] is True
 
 
@@ -168,12 +159,9 @@ def test_bad_input_through_the_console_script(env, args, message):
     assert p.returncode == 2 and message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
 
 
-def test_bench_serve_small(demo, env, tmp_path):
-    out = tmp_path / "serve.json"
-    p = run([sys.executable, "-m", "jobs.bench", "serve", "--json", str(out), "--requests", "60", "--warmup", "5",
-             "--concurrency", "4", "--chaos-requests", "150", "--light-requests", "20", "--autoscale-requests", "0",
-             "--systems", "noop", "dynray", "all_cloud"], env, timeout=600)  # edge_only is all_cloud's deploy path on the other tier
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+def test_bench_serve_small(chain, out_dir):
+    _ok(chain["bench_serve"])
+    out = out_dir / "serve.json"
     s = json.loads(out.read_text())["serve"]
     assert set(s["systems"]) == {"noop", "dynray", "all_cloud"}
     for name, m in s["systems"].items():
@@ -184,10 +172,9 @@ def test_bench_serve_small(demo, env, tmp_path):
     assert k["killed"] and k["kills_during_load"] and k["answered"] == k["requests"] == 150
 
 
-def test_bench_router_uses_the_demo_router(demo, env, tmp_path):
-    out = tmp_path / "router.json"
-    p = run([DYNRAY, "bench", "router", "--json", str(out)], env, timeout=600)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+def test_bench_router_uses_the_demo_router(chain, out_dir):
+    p = _ok(chain["bench_router"])
+    out = out_dir / "router.json"
     assert "no router registered" not in p.stdout  # the demo's router was found, not retrained
     s = json.loads(out.read_text())["router"]
     assert s["router"] == "dynnet-mnist-5k-router:v1" and s["n_test"] == 1000

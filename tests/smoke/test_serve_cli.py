@@ -4,8 +4,8 @@ Every command runs by subprocess with an environment that holds no ``RAY_*`` var
 all and a PATH without the venv (what a user's plain shell has), against a temporary
 registry and a temporary HOME whose ``~/.ray/auth_token`` exists, as it does after
 ``make demo``: that token switches a ``ray start`` head to token auth. One ``up`` serves
-the module's status, bad-roll, roll and down checks (each ``ray start`` + deploy costs
-15–25 s here); the stale-state and failed-``up`` checks need no running app of their own.
+the module's status, bad-roll, submit, roll and down checks (each ``ray start`` + deploy
+costs 15–25 s here); the stale-state and failed-``up`` checks need no running app of their own.
 """
 
 from __future__ import annotations
@@ -241,6 +241,22 @@ def test_roll_that_fails_on_the_replicas_puts_the_old_versions_back(served):
     _still_serving_v1(served)
     state = json.loads(served["state_file"].read_text())
     assert state["config"]["applications"][0]["deployments"][0]["user_config"]["models"] == [served["v1"]]
+
+
+def test_submit_runs_a_job_on_the_head_and_the_model_reaches_the_given_registry(served, tmp_path):
+    """`dynray submit` round trip against the head `up` started (a real `ray start --head`),
+    from a shell with no RAY_* variables: the README's form, --address after the step and the
+    job's flags after --; the job writes to the registry --env names, not the client's."""
+    home = tmp_path / "job-registry"
+    env = {**served["env"], "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}  # the console script on PATH, as after activating the venv
+    nas = ["--trials", "1", "--epochs", "1", "--grace", "1", "--train-limit", "256", "--searcher", "random", "--no-reference",
+           "--register-top", "1", "--concurrency", "1", "--out", str(tmp_path / "nas")]
+    p = subprocess.run([SERVE[0], "submit", "nas", "--address", served["state"]["dashboard"], "--env", f"DYNRAY_HOME={home}", "--", *nas],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "SUCCEEDED" in p.stdout and "Pareto front" in p.stdout
+    assert [i.ref for i in ModelRegistry(home).list("nas-mnist-5k")] == ["nas-mnist-5k:v1"]
+    assert not ModelRegistry(served["env"]["DYNRAY_HOME"]).list("nas-mnist-5k")  # the client's registry is untouched
 
 
 def test_roll_then_down_stops_the_head(served):
