@@ -141,6 +141,8 @@ def _models(env: dict) -> list[str]:
         (["nas", "run", "--time-budget", "0"], "time budget must be a positive"),
         (["nas", "run", "--searcher", "evolutoin"], "did you mean evolution"),
         (["nas", "run", "--trials", "0"], "at least one trial"),
+        (["bench", "router", "--shift-requests", "5", "--json", "x.json"], "--shift-requests must be at least 100"),
+        (["demo", "--http-limit", "0"], "--http-limit must be at least 1 image"),
     ],
 )
 def test_bad_input_gets_one_line_and_exit_2(demo, env, args, message, monkeypatch, capsys):
