@@ -93,7 +93,7 @@ def run(cfg: Config) -> Result:
     _say(f"      registered {rt.router}: {rt.iterations} iterations in {rt.train_minutes:.1f} min")
     t = None
     if cfg.serve:
-        _say(f"[5/5] deploying the edge/cloud Serve graph with {c.model} and the hybrid router, sending the {cfg.dataset} test split over HTTP")
+        _say(f"[5/5] deploying the edge/cloud Serve graph with {c.model} and the hybrid router, sending the {cfg.dataset} test split over HTTP" + (f" (its first {cfg.http_limit} images)" if cfg.http_limit else ""))
         t = http_traffic.run(replace(traffic, model=c.model))
         _say(_indent(t.summary()))
     seconds = time.perf_counter() - t0
