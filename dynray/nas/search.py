@@ -19,11 +19,26 @@ import logging
 import time
 from pathlib import Path
 
+from dynray.errors import ConfigError
 from dynray.nas.config import SEARCHERS, NASConfig, NASResult, settings_for
+from dynray.nas.searchers import SearchPlan
 from dynray.registry import ModelRegistry, default_home
 
 __all__ = ["run_search"]
 log = logging.getLogger(__name__)
+
+def _check_concurrency(plan: SearchPlan, cfg: NASConfig) -> None:
+    """Tune wraps only a ``Searcher`` in a ConcurrencyLimiter; it silently ignores
+    ``max_concurrent_trials`` for a variant generator, which must carry the limit itself."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    alg = plan.search_alg
+    if isinstance(alg, BasicVariantGenerator) and alg.max_concurrent != cfg.concurrency:
+        raise ConfigError(
+            f"searcher {cfg.searcher!r} returned a BasicVariantGenerator whose max_concurrent is {alg.max_concurrent}, not the config's concurrency",
+            got=alg.max_concurrent, fix=f"build it with BasicVariantGenerator(..., max_concurrent=cfg.concurrency) (here {cfg.concurrency})",
+        )
+
 
 def run_search(cfg: NASConfig, registry: ModelRegistry, *, out_dir: str | Path, progress: bool = True) -> NASResult:
     """Run the search on the connected Ray (the caller owns ``ray.init``); see the module docstring."""
@@ -35,6 +50,7 @@ def run_search(cfg: NASConfig, registry: ModelRegistry, *, out_dir: str | Path, 
 
     settings = settings_for(cfg)
     plan = SEARCHERS[cfg.searcher](cfg, settings)
+    _check_concurrency(plan, cfg)
     scheduler = ReferenceProtectedASHA(time_attr="training_iteration", max_t=cfg.epochs, grace_period=cfg.grace, reduction_factor=cfg.reduction) if cfg.asha else FIFOScheduler()
     storage = Path(cfg.storage_path or default_home() / "nas").absolute()
     storage.mkdir(parents=True, exist_ok=True)

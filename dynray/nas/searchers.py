@@ -43,7 +43,8 @@ def _random(cfg: NASConfig, settings: TrialSettings) -> SearchPlan:
 
     from dynray.nas.trainable import nas_trainable
 
-    alg = BasicVariantGenerator(points_to_evaluate=_reference(cfg) or None, random_state=cfg.seed)
+    # Tune applies max_concurrent_trials only to a Searcher; a variant generator takes its own limit
+    alg = BasicVariantGenerator(points_to_evaluate=_reference(cfg) or None, random_state=cfg.seed, max_concurrent=cfg.concurrency)
     return SearchPlan(nas_trainable, alg, {**cfg.space.tune_space(), REFERENCE_KEY: False}, cfg.trials, cfg.include_default)
 
 

@@ -40,24 +40,33 @@ def crash_searcher():
 
 
 @pytest.fixture
-def rung_searcher():
-    """Three candidates in a fixed order, each reporting one fixed score at every iteration.
+def rung_searcher(tmp_path):
+    """Three candidates in a fixed order, each reporting one fixed score at every iteration
+    and writing when it ran to ``tmp_path/spans``.
 
     Run one at a time under ASHA (max_t 3, grace 1, reduction 3), the first rung is
     deterministic: the first trial sets the cutoff and runs to the end; the reference and
     the third trial fall below the cutoff, and only the third is stopped.
     """
     space = SearchSpace()
+    spans = tmp_path / "spans"
+    spans.mkdir()
     base = default_candidate(space.max_stages)
     assert base.lr == 3e-3 and base.lr in RUNG_SCORES
     points = [{**replace(base, lr=lr).to_dict(), REFERENCE_KEY: lr == base.lr} for lr in RUNG_SCORES]
 
     # defined here, not at module level, so that Ray pickles it by value: no worker imports this file
-    def fixed_score_trainable(config, settings, scores):
+    def fixed_score_trainable(config, settings, scores, spans):
+        import time
+        from pathlib import Path
+
         from ray import tune
 
         s = scores[config["lr"]]
+        start = time.time()
         for it in range(settings.epochs):
+            time.sleep(0.2)  # long enough that trials run side by side would overlap
+            Path(spans, f"{config['lr']}").write_text(f"{start} {time.time()}")
             tune.report({"score": s, "accuracy": s, "macs": 1e5 * (2 - s), "test_accuracy": s, "test_macs": 1e5 * (2 - s), "latency_ms": 1.0, "epoch": it + 1, REFERENCE_KEY: config[REFERENCE_KEY]})
 
     @register_searcher("test-rungs")
@@ -65,8 +74,8 @@ def rung_searcher():
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         # the points fill every key of the space (BasicVariantGenerator needs the keys), no sampling
-        alg = BasicVariantGenerator(points_to_evaluate=points)
-        return SearchPlan(fixed_score_trainable, alg, {**space.tune_space(), REFERENCE_KEY: False}, len(points), True, params={"scores": RUNG_SCORES})
+        alg = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=cfg.concurrency)
+        return SearchPlan(fixed_score_trainable, alg, {**space.tune_space(), REFERENCE_KEY: False}, len(points), True, params={"scores": RUNG_SCORES, "spans": str(spans)})
 
     yield "test-rungs"
     SEARCHERS.pop("test-rungs")
@@ -77,6 +86,10 @@ def test_asha_stops_trials_at_its_first_rung_but_runs_the_reference_to_max_t(ray
     res = run_search(cfg, ModelRegistry(tmp_path / "home"), out_dir=tmp_path / "rungs", progress=False)
     by_lr = {t.candidate["lr"]: t for t in res.trials}
     assert sorted(by_lr) == sorted(RUNG_SCORES) and len(res.trials) == 3
+    # --concurrency 1 held: no two trials ran at once (Tune ignores max_concurrent_trials for a
+    # variant generator; the searcher must pass it)
+    ran = sorted(tuple(map(float, f.read_text().split())) for f in (tmp_path / "spans").iterdir())
+    assert len(ran) == 3 and all(a[1] <= b[0] for a, b in zip(ran, ran[1:])), ran
     summary = {lr: (t.status, t.epochs, t.reference) for lr, t in by_lr.items()}
     # the first trial set the rung's cutoff and ran to max_t
     assert summary[1.5e-3] == ("completed", 3, False), summary

@@ -241,3 +241,20 @@ def test_asha_never_stops_the_reference_and_remembers_whom_it_stopped():
     assert decisions["t1"] == TrialScheduler.CONTINUE
     assert asha.on_trial_result(None, trials[1], {"training_iteration": 9, "score": 0.9}) == TrialScheduler.STOP  # the end, not an early stop
     assert "t1" not in asha.stopped_early
+
+
+def test_a_variant_generator_without_the_concurrency_limit_is_refused():
+    """Tune ignores max_concurrent_trials for a variant generator (it wraps only a Searcher),
+    so a searcher that forgets to pass it would run every trial at once."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from dynray.nas.search import _check_concurrency
+    from dynray.nas.config import SEARCHERS
+    from dynray.nas.searchers import SearchPlan
+
+    cfg = NASConfig(searcher="random", trials=3, concurrency=1)
+    forgot = SearchPlan(lambda c: None, BasicVariantGenerator(), {}, 3, False)
+    with pytest.raises(ConfigError, match="max_concurrent=cfg.concurrency"):
+        _check_concurrency(forgot, cfg)
+    # the built-in random searcher passes it
+    _check_concurrency(SEARCHERS["random"](cfg, None), cfg)
