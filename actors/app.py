@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from actors.device import Device
 from actors.expert import ExpertHost
+from actors.registry import registry_for
 from actors.routing_state import RoutingState
 from dynray.errors import RequestError
 from dynray.registry import default_home
@@ -133,8 +134,9 @@ class Ingress:
 
     def reconfigure(self, user_config: dict) -> None:
         """New versions or split: resolve refs, check they agree, rebuild the plan (no restart)."""
-        plan = build_plan(self.args, IngressUserConfig(**user_config), self.policy, edge=self._edge if self._edge_call else None,
-                          cloud=self._cloud_call, origin=self.replica, previous=self.core.plan)
+        cfg = IngressUserConfig(**user_config)
+        plan = build_plan(self.args, cfg, self.policy, edge=self._edge if self._edge_call else None, cloud=self._cloud_call, origin=self.replica,
+                          previous=self.core.plan, registry=registry_for(self.args.registry, cfg.home or self.args.home))
         self.core.configure(plan)
 
     async def _sync_forever(self) -> None:
@@ -243,7 +245,7 @@ def _experts(args: AppArgs, home: str) -> list:
             graceful_shutdown_wait_loop_s=0.1,
             graceful_shutdown_timeout_s=1.0,
             user_config={"models": list(args.models), "home": home},
-        )(ExpertHost).bind(expert=e, threads=x.threads)
+        )(ExpertHost).bind(expert=e, threads=x.threads, registry=args.registry)
         for e in range(x.count)
     ]
 
@@ -287,6 +289,7 @@ def _device(tier: str, name: str, t: TierArgs, args: AppArgs, home: str, *, last
         hybrid={"min_confidence": args.router.hybrid_min_confidence, "rl_weight": args.router.hybrid_rl_weight},
         experts=experts or None,
         expert_timeout_ms=args.experts.timeout_ms,
+        registry=args.registry,
     )
 
 

@@ -27,9 +27,9 @@ import torch
 from ray import serve
 
 from actors.expert import attach_remote_experts
+from actors.registry import registry_for
 from dynray.errors import RegistryError, ServingError
 from dynray.serving.partition import DeviceReply, DeviceRequest, StageRange, StageResult, group_requests, run_stages, split_result
-from dynray.registry import ModelRegistry, default_home
 from dynray.routing.hybrid import HybridConfig, HybridRouter
 from dynray.routing.policy import PolicyNet, find_policy, load_policy
 from dynray.routing.rules import make_rule
@@ -52,10 +52,6 @@ def _replica_id() -> tuple[str, bool]:
         return (ray.get_runtime_context().get_actor_id() or "local"), False
 
 
-def registry_home(home: str | None) -> str:
-    return str(default_home(home))
-
-
 class Device:
     """Hosts stages ``[first_stage, last_stage)`` (``last_stage=None``: to the end) of every served version."""
 
@@ -74,8 +70,10 @@ class Device:
         experts: list | None = None,
         expert_timeout_ms: float = 2000.0,
         user_config: dict | None = None,
+        registry: str | None = None,
     ) -> None:
         torch.set_num_threads(threads)
+        self.registry = registry  # registry actor to read models through (None: the local path)
         self.profile = DeviceProfile.from_dict(profile)
         self.first_stage, self.last_stage, self.full, self.simulate = first_stage, last_stage, full, simulate
         self.tracker = LoadTracker()
@@ -97,7 +95,7 @@ class Device:
     def reconfigure(self, user_config: dict) -> None:
         """Load every listed version, then swap them in at once (in-flight calls keep theirs)."""
         cfg = DeviceUserConfig(**user_config)
-        reg = ModelRegistry(registry_home(cfg.home))
+        reg = registry_for(self.registry, cfg.home)
         loaded: dict[str, StoredModel] = {}
         policies: dict[str, PolicyNet | None] = {}
         for ref in cfg.models:

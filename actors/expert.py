@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from actors.registry import registry_for
 from dynray.errors import RegistryError, ServingError
 from dynray.models.moe import ExpertReplies
 from dynray.registry import ModelRegistry, default_home
@@ -37,8 +38,9 @@ log = logging.getLogger(__name__)
 class ExpertHost:
     """Expert ``expert`` of every MoE block of the hosted versions (eval mode)."""
 
-    def __init__(self, *, expert: int, threads: int = 1, user_config: dict | None = None) -> None:
+    def __init__(self, *, expert: int, threads: int = 1, user_config: dict | None = None, registry: str | None = None) -> None:
         torch.set_num_threads(threads)
+        self.registry = registry  # registry actor to read models through (None: the local path)
         self.expert = expert
         self.modules: dict[tuple[str, int], nn.Module] = {}  # (version, block) -> this expert's module
         self.calls = 0
@@ -48,7 +50,7 @@ class ExpertHost:
     def reconfigure(self, user_config: dict) -> None:
         """Load the listed versions and keep only this expert of each MoE block."""
         cfg = DeviceUserConfig(**user_config)
-        reg = ModelRegistry(default_home(cfg.home))
+        reg = registry_for(self.registry, cfg.home)
         modules: dict[tuple[str, int], nn.Module] = {}
         for ref in cfg.models:
             sm = load_model(reg, reg.resolve(ref).ref)

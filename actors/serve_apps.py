@@ -22,6 +22,7 @@ import yaml
 from ray.serve._private import api as _serve_api  # the same entry points `serve run CONFIG` uses
 from ray.serve.schema import ServeDeploySchema
 
+from actors.registry import REGISTRY_ACTOR, start_registry
 from dynray.errors import ConfigError, ServingError
 from dynray.registry import ModelRegistry, default_home
 from dynray.serving.config import CLOUD, EDGE, INGRESS, AppArgs, DeviceUserConfig, IngressUserConfig, expert_name
@@ -112,6 +113,10 @@ def deploy(config: dict, *, timeout_s: float = 120.0, check: bool = True) -> Non
     if check:
         check_resources(config.get("applications", []))
     schema = ServeDeploySchema.model_validate(config)
+    for app in config.get("applications", []):
+        args = AppArgs.model_validate(app.get("args", {}))
+        if args.registry:  # replicas read models through it: it must run before they start
+            start_registry(args.home)
     client = _client(schema.http_options.model_dump() if "http_options" in config else None)
     client.deploy_apps(schema)
     wait_running([a["name"] for a in config["applications"]], timeout_s=timeout_s)
@@ -216,7 +221,8 @@ def prepare_config(config: dict, *, home: str, models: Sequence[str] = (), weigh
     app = cfg["applications"][0]
     w = None if weights is None else [float(x) for x in weights]
     refs = check_versions(home, list(models) or app.get("args", {}).get("models", ["production"]), w)
-    app.setdefault("args", {}).update(home=home, models=refs, weights=w)
+    # replicas read the models through the registry actor on this node, never a path on theirs
+    app.setdefault("args", {}).update(home=home, models=refs, weights=w, registry=app.get("args", {}).get("registry", REGISTRY_ACTOR))
     if port:
         cfg["http_options"] = {**cfg.get("http_options", {}), "port": port}
     for d in app.get("deployments", []):

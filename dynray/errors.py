@@ -32,6 +32,11 @@ class DynrayError(Exception):
         self.fix = fix
         super().__init__(self.message)
 
+    def __reduce__(self):
+        # rebuilt from its fields, whatever the subclass's __init__ takes: errors cross Ray
+        # actors and tasks pickled
+        return _rebuild, (type(self), self.__dict__.copy())
+
     @property
     def message(self) -> str:
         parts = [self.what]
@@ -40,6 +45,13 @@ class DynrayError(Exception):
         if self.fix:
             parts.append(f"fix: {self.fix}")
         return "; ".join(parts)
+
+
+def _rebuild(cls: type, state: dict) -> DynrayError:
+    err = cls.__new__(cls)
+    err.__dict__.update(state)
+    Exception.__init__(err, err.message)
+    return err
 
 
 class ConfigError(DynrayError, ValueError):

@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Protocol
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save_file as st_save_file
 
 from dynray.errors import IntegrityError, RegistryError, UnknownNameError
@@ -39,23 +39,19 @@ from dynray.fileio import git_commit as _git_commit
 from dynray.fileio import sha256_bytes as _sha256
 from dynray.fileio import sha256_file as _sha256_file
 from dynray.fileio import write_durable as _write_durable
+from dynray.registry_bytes import FORMAT, INTEGRITY_FIX, META_DIGEST_FILE, META_FILE, WEIGHTS_FILE, VersionBytes, listed_files, verify_bytes
 
-__all__ = ["ModelRegistry", "ModelInfo", "LoadedModel", "STAGES", "default_home"]
+__all__ = ["ModelRegistry", "RegistryReader", "ModelInfo", "LoadedModel", "STAGES", "default_home"]
 
 log = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = ("staging", "production")
-FORMAT = "dynray-model/1"
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "meta.json"
-META_DIGEST_FILE = "meta.json.sha256"
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _VERSION_DIR_RE = re.compile(r"v([1-9][0-9]*)")
 _REF_VERSION_RE = re.compile(r"v?([1-9][0-9]*)")
 _CANONICAL_REF_RE = re.compile(r"[a-z0-9][a-z0-9._-]*:v[1-9][0-9]*")
 _MAX_RENAME_TRIES = 100
 _TRAIN_FIX = "run `dynray train --dataset mnist-5k` (or `make demo`) to train and register a model"
-_INTEGRITY_FIX = "re-register the model: dynray train …, or restore the file from backup"
 _REF_FIX = "use NAME, NAME:vN, NAME:N, production or staging"
 
 
@@ -98,6 +94,17 @@ class LoadedModel:
     """The stored tensors, by key."""
 
 
+class RegistryReader(Protocol):
+    """What serving and loading need of a registry: a local :class:`ModelRegistry`, or one
+    on another node reached through Ray (``actors.registry.RemoteRegistry``)."""
+
+    def resolve(self, ref: str | None = None) -> ModelInfo: ...
+
+    def list(self, name: str | None = None) -> list[ModelInfo]: ...
+
+    def load(self, ref: str | None = None) -> LoadedModel: ...
+
+
 def _validate_name(name: object) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise RegistryError(
@@ -110,14 +117,7 @@ def _validate_name(name: object) -> str:
 
 
 def _integrity(what: str, path: Path) -> IntegrityError:
-    return IntegrityError(what, got=str(path), fix=_INTEGRITY_FIX)
-
-
-def _digest_error(label: str, path: Path, expected: str, actual: str) -> IntegrityError:
-    return _integrity(
-        f"{label} does not match its recorded sha256 (expected {expected[:12]}…, actual {actual[:12]}…)",
-        path,
-    )
+    return IntegrityError(what, got=str(path), fix=INTEGRITY_FIX)
 
 
 class ModelRegistry:
@@ -388,43 +388,32 @@ class ModelRegistry:
         held = tuple(s for s in STAGES if stages.get(s) == ref)
         return ModelInfo(name=name, version=version, path=path, meta=meta, stages=held)
 
+    def read_bytes(self, ref: str | None = None) -> VersionBytes:
+        """``ref``'s files as stored, unverified (for sending it to another node; the
+        receiver checks it with :func:`dynray.registry_bytes.verify_bytes`)."""
+        return self._bytes(self.resolve(ref))
+
+    def _bytes(self, info: ModelInfo) -> VersionBytes:
+        path, ref = info.path, info.ref
+        try:
+            meta_bytes = (path / META_FILE).read_bytes()
+            digest = (path / META_DIGEST_FILE).read_text().strip()
+        except OSError as e:
+            raise _integrity(f"{ref}: cannot read {Path(e.filename or path / META_FILE).name}", path) from e
+        files, missing = {}, {}
+        for fname in listed_files(meta_bytes):
+            if Path(fname).name != fname:
+                continue  # verify_bytes refuses it
+            try:
+                files[fname] = (path / fname).read_bytes()
+            except OSError as e:
+                missing[fname] = str(e.strerror)
+        return VersionBytes(name=info.name, version=info.version, path=str(path), meta_bytes=meta_bytes, digest=digest, files=files, missing=missing, stages=info.stages)
+
     def _verified(self, info: ModelInfo) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
         """Check meta.json's digest, every listed file's digest, and parse the weights."""
-        path, ref = info.path, info.ref
-        meta_path, digest_path = path / META_FILE, path / META_DIGEST_FILE
-        try:
-            meta_bytes = meta_path.read_bytes()
-            expected = digest_path.read_text().strip()
-        except OSError as e:
-            raise _integrity(f"{ref}: cannot read {Path(e.filename or meta_path).name}", path) from e
-        actual = _sha256(meta_bytes)
-        if actual != expected:
-            raise _digest_error(f"{META_FILE} of {ref}", meta_path, expected, actual)
-        try:  # the digest matched, so these should be the bytes register wrote
-            meta = json.loads(meta_bytes)
-        except ValueError as e:
-            raise _integrity(f"{META_FILE} of {ref} is not valid JSON ({e})", meta_path) from e
-        files = meta.get("files") if isinstance(meta, dict) else None
-        if not isinstance(files, dict) or meta.get("format") != FORMAT or WEIGHTS_FILE not in files:
-            raise _integrity(f"{META_FILE} of {ref} is not {FORMAT} with {WEIGHTS_FILE} in files", meta_path)
-        tensors: dict[str, torch.Tensor] = {}
-        for fname, expected in sorted(files.items()):
-            fpath = path / fname
-            if Path(fname).name != fname:
-                raise _integrity(f"{ref}: file entry {fname!r} escapes the version dir", meta_path)
-            try:
-                data = fpath.read_bytes()
-            except OSError as e:
-                raise _integrity(f"{fname} of {ref} is missing or unreadable ({e.strerror})", fpath) from e
-            actual = _sha256(data)
-            if actual != expected:
-                raise _digest_error(f"{fname} of {ref}", fpath, str(expected), actual)
-            if fname == WEIGHTS_FILE:
-                try:
-                    tensors = st_load(data)
-                except Exception as e:  # noqa: BLE001 - safetensors raises several types
-                    raise _integrity(f"{fname} of {ref} does not parse as safetensors ({e})", fpath) from e
-        return self._info(info.name, info.version, path, meta), tensors
+        meta, tensors = verify_bytes(self._bytes(info))
+        return self._info(info.name, info.version, info.path, meta), tensors
 
 
 def _created(info: ModelInfo) -> datetime:

@@ -8,7 +8,7 @@ from dynray.errors import IntegrityError
 from dynray.models.build import model_from_state
 from dynray.models.config import config_to_dict
 from dynray.models.dynamic import DynamicNet
-from dynray.registry import ModelInfo, ModelRegistry
+from dynray.registry import ModelInfo, ModelRegistry, RegistryReader
 from dynray.thresholds import ThresholdRule
 
 __all__ = ["StoredModel", "save_model", "load_model"]
@@ -50,7 +50,7 @@ def save_model(
     return registry.register(name, {k: v.detach().cpu() for k, v in model.state_dict().items()}, meta, parent=parent)
 
 
-def load_model(registry: ModelRegistry, ref: str | None = None) -> StoredModel:
+def load_model(registry: RegistryReader, ref: str | None = None) -> StoredModel:
     """Load and verify a registered DynamicNet (``ref=None``: production, else newest)."""
     loaded = registry.load(ref)
     meta = loaded.info.meta

@@ -52,6 +52,10 @@ AUTH_MODE_VAR = "RAY_AUTH_MODE"
 HEAD_MARK = "DYNRAY_RAY_HEAD"
 """Environment variable set (to the head's temp dir) in every process of a local head."""
 HEAD_START_TIMEOUT_S = 90.0
+LOCAL_CPUS = 16
+"""Logical CPUs of a one-node local Ray (embedded or ``dynray serve up``'s head)."""
+LOCAL_RESOURCES = {"edge": 16, "cloud": 16}
+"""The one local node stands in for both device tiers: it offers both tier resources."""
 STOP_GRACE_S = 5.0
 
 
@@ -69,7 +73,9 @@ def connect(num_cpus: int | None = None, *, log_to_driver: bool = True) -> None:
     else:
         # this one node stands in for both device tiers: it offers the `edge` and `cloud`
         # resources the Serve tiers are placed by (a real cluster has node types for them)
-        ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), resources={"edge": 16, "cloud": 16}, include_dashboard=True, log_to_driver=log_to_driver, logging_level="WARNING")
+        # logical CPUs: every device replica reserves one (what the scheduler sees as its load), and
+        # Ray does not check logical CPUs against cores; trials and workers are limited by their own flags
+        ray.init(address="local", num_cpus=max(num_cpus or 0, LOCAL_CPUS), resources=dict(LOCAL_RESOURCES), include_dashboard=True, log_to_driver=log_to_driver, logging_level="WARNING")
 
 
 def free_port() -> int:
@@ -158,7 +164,8 @@ def _wait_listening(port: int, head: subprocess.Popen, until: float) -> bool:
     return False
 
 
-def start_local_head(resources: Mapping[str, float], *, cwd: str | Path, timeout_s: float = HEAD_START_TIMEOUT_S) -> LocalHead:
+def start_local_head(resources: Mapping[str, float], *, cwd: str | Path, num_cpus: float = LOCAL_CPUS, timeout_s: float = HEAD_START_TIMEOUT_S,
+                     autoscaling_config: str | Path | None = None, extra_env: Mapping[str, str] | None = None) -> LocalHead:
     """Start a private Ray head in its own session, every port picked free; wait until it serves.
 
     It outlives this process (stop it with :func:`stop_local_head`). SIGTERM does not make it
@@ -172,7 +179,11 @@ def start_local_head(resources: Mapping[str, float], *, cwd: str | Path, timeout
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(cwd), env.get("PYTHONPATH")) if p)  # import paths of the Serve config
     cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--include-dashboard=true",
            f"--resources={json.dumps(dict(resources))}", f"--temp-dir={tmp}", f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}", f"--ray-client-server-port={client}", "--disable-usage-stats"]
+           f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}", f"--ray-client-server-port={client}", "--disable-usage-stats",
+           f"--num-cpus={num_cpus:g}"]
+    if autoscaling_config is not None:
+        cmd.append(f"--autoscaling-config={autoscaling_config}")
+    env.update(extra_env or {})
     log_path = Path(tmp) / "head.log"
     with open(log_path, "w") as logf:  # the child keeps its own descriptor
         head = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(cwd))

@@ -33,7 +33,6 @@ __all__ = ["Config", "UpResult", "StatusResult", "RollResult", "DownResult", "Re
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]  # where `actors.app:build_app` imports from
-HEAD_RESOURCES = {"edge": 16, "cloud": 16}  # one node stands in for both device tiers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,7 +174,7 @@ def up(cfg: Config) -> UpResult:
     import ray
 
     from actors import serve_apps as D
-    from jobs._ray import ensure_auth_env, start_local_head, stop_local_head
+    from jobs._ray import LOCAL_RESOURCES, ensure_auth_env, start_local_head, stop_local_head
 
     state = _read_state()
     if state.get("head_pid"):
@@ -193,7 +192,7 @@ def up(cfg: Config) -> UpResult:
     head = None
     try:
         if not address:
-            head = start_local_head(HEAD_RESOURCES, cwd=ROOT)
+            head = start_local_head(LOCAL_RESOURCES, cwd=ROOT)
             log.info("started a local Ray head: pid %d, temp dir %s, address %s", head.pid, head.temp_dir, head.address)
             state = {**head.to_state(), "app": app["name"]}
             _write_state(state)  # before deploying: if this command dies, `dynray serve down` still finds the head

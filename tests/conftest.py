@@ -43,7 +43,7 @@ def ray_session():
 
     os.environ.pop("RAY_ADDRESS", None)
     # edge/cloud resources so the serving tiers can be placed (one node stands in for both)
-    ray.init(address="local", num_cpus=4, resources={"edge": 16, "cloud": 16}, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=16, resources={"edge": 16, "cloud": 16}, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
 

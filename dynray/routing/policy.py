@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dynray.errors import ConfigError, IntegrityError, RegistryError
-from dynray.registry import ModelInfo, ModelRegistry
+from dynray.registry import ModelInfo, ModelRegistry, RegistryReader
 
 __all__ = ["PolicyNet", "StoredPolicy", "router_name", "save_policy", "load_policy", "find_policy"]
 
@@ -67,13 +67,13 @@ def save_policy(registry: ModelRegistry, model: ModelInfo, policy: PolicyNet, me
     return registry.register(router_name(model.name), {k: v.detach().clone() for k, v in policy.state_dict().items()}, full)
 
 
-def find_policy(registry: ModelRegistry, model: ModelInfo) -> ModelInfo | None:
+def find_policy(registry: RegistryReader, model: ModelInfo) -> ModelInfo | None:
     """Newest router registered for exactly this model version, or None."""
     routers = [i for i in registry.list(router_name(model.name)) if i.meta.get("attached_to") == model.ref]
     return routers[-1] if routers else None
 
 
-def load_policy(registry: ModelRegistry, ref: str, model: ModelInfo) -> StoredPolicy:
+def load_policy(registry: RegistryReader, ref: str, model: ModelInfo) -> StoredPolicy:
     """Load router ``ref`` for serving ``model``; refuse one trained for another version."""
     loaded = registry.load(ref)
     meta = loaded.info.meta

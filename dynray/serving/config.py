@@ -67,7 +67,7 @@ class TierArgs(_Strict):
     batch_wait_ms: float = Field(0.0, ge=0, description="@serve.batch wait for a batch to fill; 0 = adaptive: a batch takes whatever queued while the previous one ran")
     max_ongoing_requests: int = Field(64, ge=1, description="must be >= max_batch_size so batches can fill")
     resources: dict[str, float] = Field(default_factory=dict, description="custom resources per replica; default {tier: 1}")
-    num_cpus: float = Field(0.0, ge=0, description="logical CPUs per replica (0: placed by the tier resource alone)")
+    num_cpus: float = Field(1.0, ge=1, description="logical CPUs each replica reserves, with its tier's resource: what the scheduler and the autoscaler see as its load")
     threads: int = Field(1, ge=1, description="torch intra-op threads per replica (Ray gives a 1-CPU actor one)")
     profile: dict = Field(default_factory=dict, description="DeviceProfile fields; default: the tier's standard profile")
 
@@ -90,7 +90,7 @@ class ExpertArgs(_Strict):
     count: int = Field(0, ge=0, description="expert deployments; 0 = MoE experts run inside the device that runs their stage")
     replicas: int = Field(1, ge=1, description="replicas per expert deployment")
     resources: dict[str, float] = Field(default_factory=dict, description="custom resources per expert replica; default {'cloud': 1}")
-    num_cpus: float = Field(0.0, ge=0, description="logical CPUs per expert replica")
+    num_cpus: float = Field(1.0, ge=1, description="logical CPUs each expert replica reserves")
     threads: int = Field(1, ge=1, description="torch intra-op threads per expert replica")
     timeout_ms: float = Field(2000.0, gt=0, description="one dispatch's deadline; an expert that misses it is failed over to the next-best expert")
 
@@ -162,6 +162,7 @@ class AppArgs(_Strict):
 
     system: Literal["dynray", "all_cloud", "edge_only", "noop"] = Field("dynray", description="dynray graph, or a baseline")
     home: str | None = Field(None, description="registry directory (default: $DYNRAY_HOME or ./.dynray)")
+    registry: str | None = Field(None, description="registry actor the replicas read models through (actors/registry.py; `dynray serve up` sets it): replicas then never open `home` on their own node. None: read the path `home`")
     models: list[str] = Field(default_factory=lambda: ["production"], description="registry refs served at start")
     weights: list[float] | None = Field(None, description="A/B traffic share per model (default: all to the first)")
     edge_stages: int = Field(2, ge=1, description="stages hosted on the edge tier; the cloud hosts the whole model")

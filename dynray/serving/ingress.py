@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dynray.errors import DynrayError, RequestError
-from dynray.registry import ModelRegistry, default_home
+from dynray.registry import ModelRegistry, RegistryReader, default_home
 from dynray.routing.costs import RouteCosts
 from dynray.routing.features import CostWeights
 from dynray.routing.policy import find_policy
@@ -72,12 +72,13 @@ class ServedPlan:
 
 
 def build_plan(args: AppArgs, cfg: IngressUserConfig, policy: SchedulingPolicy, *, edge: DeviceCall | None, cloud: DeviceCall | None,
-               origin: str = "local", previous: ServedPlan | None = None) -> ServedPlan:
-    """Resolve ``cfg``'s refs in the registry, check they agree, and build the plan.
+               origin: str = "local", previous: ServedPlan | None = None, registry: RegistryReader | None = None) -> ServedPlan:
+    """Resolve ``cfg``'s refs in ``registry`` (default: the local one at ``cfg.home``/``args.home``),
+    check they agree, and build the plan.
 
     The new orchestrator keeps what ``previous`` learnt about the tiers (breaker, loads).
     """
-    reg = ModelRegistry(default_home(cfg.home or args.home))
+    reg = registry if registry is not None else ModelRegistry(default_home(cfg.home or args.home))
     infos = [reg.resolve(ref) for ref in cfg.models]
     shapes = {tuple(i.meta["config"]["input_shape"]) for i in infos}
     if len(shapes) != 1:

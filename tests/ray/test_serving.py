@@ -30,6 +30,7 @@ from dynray.routing.features import obs_dim
 from dynray.routing.policy import PolicyNet, save_policy
 from dynray.store import load_model, save_model
 from dynray.thresholds import ThresholdRule
+from actors.registry import REGISTRY_ACTOR, find_registry
 from jobs._ray import free_port
 from jobs.serve_chaos import ChaosConfig, kill_devices_under_load, kill_ingress_under_load
 
@@ -79,13 +80,18 @@ def served(ray_session, tmp_path_factory):
     cfg = D.load_config()
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
     app = cfg["applications"][0]
-    app["args"].update(home=str(home), models=[v1], failover={**app["args"]["failover"], "breaker_cooldown_ms": 3000}, edge={**app["args"]["edge"], "min_replicas": 2, "max_replicas": 2}, cloud={**app["args"]["cloud"], "min_replicas": 1, "max_replicas": 1})
+    # the replicas get every model through the registry actor (which serves `home`): their own
+    # DYNRAY_HOME and user_config home point to an empty directory, as on a node with no shared disk
+    empty = tmp_path_factory.mktemp("empty-home")
+    app["args"].update(home=str(home), registry=REGISTRY_ACTOR, models=[v1], failover={**app["args"]["failover"], "breaker_cooldown_ms": 3000}, edge={**app["args"]["edge"], "min_replicas": 2, "max_replicas": 2}, cloud={**app["args"]["cloud"], "min_replicas": 1, "max_replicas": 1})
+    app["runtime_env"] = {"env_vars": {"DYNRAY_HOME": str(empty)}}
     for d in app["deployments"]:
-        d["user_config"] = {**d["user_config"], "models": [v1], "home": str(home)}
+        d["user_config"] = {**d["user_config"], "models": [v1], "home": str(empty)}
     D.deploy(cfg, timeout_s=180)
-    state = {"cfg": cfg, "url": f"http://127.0.0.1:{port}", "port": port, "home": home, "v1": v1, "v2": v2}
+    state = {"cfg": cfg, "url": f"http://127.0.0.1:{port}", "port": port, "home": home, "empty": empty, "v1": v1, "v2": v2}
     yield state
     D.shutdown()
+    ray_session.kill(find_registry())
 
 
 def _post(url: str, body, **kw) -> requests.Response:
@@ -108,6 +114,16 @@ def test_http_predictions_equal_the_offline_model(served):
     tiers = dict(zip(batch["exit"], batch["tier"], strict=True))
     assert tiers.get(0) == "edge" and tiers.get(2) == "cloud", tiers
     assert batch["macs"] == ref.macs.tolist()
+
+
+def test_replicas_read_models_through_the_registry_actor_not_their_own_disk(served, ray_session):
+    """Every prediction test in this module runs on replicas whose DYNRAY_HOME is empty: the
+    registry actor (on this node) sent them the weights, and they checked the sha256."""
+    handle = find_registry()
+    assert handle is not None and ray_session.get(handle.home.remote()) == str(served["home"])
+    assert list(served["empty"].iterdir()) == []  # nothing was read from, or written to, the replicas' home
+    health = requests.get(f"{served['url']}/v1/health", timeout=10).json()
+    assert health["status"] == "ok", health
 
 
 def test_each_router_setting_answers(served):
@@ -361,7 +377,7 @@ def test_batches_fill_under_concurrency(served):
     before = _edge_stats()
     # 32 in flight: each of the two ingress replicas coalesces about half of them
     res = run_load_sync(LoadConfig(url=f"{served['url']}/v1/predict", requests=400, concurrency=32), lambda i: encode_array(x[i % 64][None]))
-    assert res.errors == 0
+    assert res.errors == 0, [(r.status, r.body) for r in res.records if r.status != 200][:3]
     after = _edge_stats()
     zero = {"forwards": 0, "samples": 0}
     forwards = sum(s["forwards"] - before.get(r, zero)["forwards"] for r, s in after.items())

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dynray import registry as registry_mod
+from dynray import registry_bytes
 from dynray.errors import IntegrityError, RegistryError, UnknownNameError
 from dynray.registry import STAGES, LoadedModel, ModelInfo, ModelRegistry, default_home
 
@@ -165,7 +166,7 @@ def test_flipped_weight_byte_is_refused(reg: ModelRegistry, stored: ModelInfo,
     weights = stored.path / "model.safetensors"
     _flip_byte(weights, weights.stat().st_size - 3)  # inside tensor data
     parsed: list[bytes] = []
-    monkeypatch.setattr(registry_mod, "st_load", lambda data: parsed.append(data) or {})
+    monkeypatch.setattr(registry_bytes, "st_load", lambda data: parsed.append(data) or {})
     with pytest.raises(IntegrityError) as e:
         reg.load("net")
     msg = str(e.value)

@@ -24,7 +24,7 @@ def test_shipped_serve_yaml_parses_into_the_groups():
 def test_defaults_live_in_the_groups():
     a = AppArgs()
     assert a.ingress == IngressArgs() and a.failover == FailoverArgs() and a.scheduling == SchedulingArgs() and a.router == RouterArgs()
-    assert set(AppArgs.model_fields) == {"system", "home", "models", "weights", "edge_stages", "simulate", "edge", "cloud", "experts",
+    assert set(AppArgs.model_fields) == {"system", "home", "registry", "models", "weights", "edge_stages", "simulate", "edge", "cloud", "experts",
                                          "ingress", "failover", "scheduling", "router"}
 
 
