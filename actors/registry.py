@@ -8,7 +8,7 @@ writes that :class:`dynray.registry.ModelRegistry`, and nothing else does on oth
   fetches a version's files as bytes (:class:`dynray.registry_bytes.VersionBytes`, through
   the object store) and checks every sha256 *on the replica* before parsing a weight, so it
   never opens a registry path on its own node;
-- a job registers through it (:func:`job_registry`), so a model trained on a worker node,
+- a job registers through it (``jobs._ray.job_registry``), so a model trained on a worker node,
   or in a job's temporary working directory, lands in the registry ``dynray models list``
   reads on the head.
 """
@@ -25,7 +25,7 @@ from dynray.errors import DynrayError, ServingError
 from dynray.registry import LoadedModel, ModelInfo, ModelRegistry, RegistryReader, default_home
 from dynray.registry_bytes import VersionBytes, verify_bytes
 
-__all__ = ["REGISTRY_ACTOR", "NAMESPACE", "RegistryServer", "RemoteRegistry", "start_registry", "find_registry", "registry_for", "job_registry"]
+__all__ = ["REGISTRY_ACTOR", "NAMESPACE", "RegistryServer", "RemoteRegistry", "start_registry", "find_registry", "registry_for"]
 
 log = logging.getLogger(__name__)
 
@@ -148,22 +148,3 @@ def registry_for(name: str | None, home: str | None) -> RegistryReader:
     except ValueError:
         raise ServingError("the registry actor this app reads from is not running", got=name, fix="`dynray serve up` starts it; or deploy with registry: null to read a local path") from None
     return RemoteRegistry(handle)
-
-
-def job_registry() -> ModelRegistry | RemoteRegistry:
-    """Where a job registers what it makes: the cluster's registry actor if it runs one, else
-    the local registry (``$DYNRAY_HOME``, default ``./.dynray``).
-
-    Inside a Ray job the working directory is a temporary copy of the project, so a local
-    ``./.dynray`` there would be lost when the job ends: that case gets a warning."""
-    import os
-
-    handle = find_registry() if ray.is_initialized() else None
-    if handle is not None:
-        remote = RemoteRegistry(handle)
-        log.info("registering into the cluster's registry at %s (through the %s actor)", remote.home, REGISTRY_ACTOR)
-        return remote
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and not os.environ.get("DYNRAY_HOME"):  # set in a job's driver
-        log.warning("this Ray job registers into %s, inside the job's temporary working directory; start the cluster with "
-                    "`dynray cluster up` (it runs the registry actor) or pass --runtime-env-json '{\"env_vars\": {\"DYNRAY_HOME\": \"/abs/path\"}}'", default_home())
-    return ModelRegistry()

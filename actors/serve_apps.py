@@ -11,6 +11,7 @@ replaces every replica.)
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from ray.serve._private import api as _serve_api  # the same entry points `serve
 from ray.serve.schema import ServeDeploySchema
 
 from actors.registry import REGISTRY_ACTOR, start_registry
+from dynray.cluster_spec import KV_NAMESPACE, SPEC_KEY, ClusterSpec, NodeType
 from dynray.errors import ConfigError, ServingError
 from dynray.registry import ModelRegistry, default_home
 from dynray.serving.config import CLOUD, EDGE, INGRESS, AppArgs, DeviceUserConfig, IngressUserConfig, expert_name
@@ -41,6 +43,9 @@ __all__ = [
     "shutdown",
     "app_status",
     "check_resources",
+    "autoscaling_spec",
+    "replica_bundles",
+    "replica_nodes",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,22 +79,53 @@ def _client(http_options: dict | None = None):
     return _serve_api.serve_start(http_options=http_options or {})
 
 
+def autoscaling_spec() -> ClusterSpec | None:
+    """The node types this cluster's autoscaler can add: what ``dynray cluster up`` published,
+    else the v2 autoscaler's cluster config (KubeRay); None on a fixed cluster."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(SPEC_KEY, namespace=KV_NAMESPACE)
+    if raw:
+        return ClusterSpec.from_dict(json.loads(raw))
+    try:
+        from ray._private.state import state
+
+        cc = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - older GCS, or no autoscaler state: a fixed cluster
+        cc = None
+    if cc is None or not cc.node_group_configs:
+        return None
+    workers = {g.name: NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, g.min_count, g.max_count if g.max_count >= 0 else 10**6) for g in cc.node_group_configs}
+    return ClusterSpec(name="cluster", head=NodeType("head", {}), workers=workers, source="the autoscaler's cluster config")
+
+
+def replica_bundles(args: AppArgs) -> dict[str, dict[str, float]]:
+    """What one replica of each device part reserves: CPU plus its tier's resource."""
+    out = {tier: {"CPU": getattr(args, tier).num_cpus, **(getattr(args, tier).resources or {tier: 1})} for tier in args.tiers()}
+    if args.experts.count and args.system != "noop":
+        out["experts"] = {"CPU": args.experts.num_cpus, **(args.experts.resources or {"cloud": 1})}
+    return out
+
+
 def check_resources(apps: list[dict]) -> None:
-    """Refuse up front an app no node can host: Serve would wait for it forever (RAY_NOTES §2)."""
-    have = ray.cluster_resources()
+    """Refuse up front an app no node can host, now or after the autoscaler adds one: Serve
+    would wait for it forever (RAY_NOTES §2)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    spec = autoscaling_spec()
     for app in apps:
         args = AppArgs.model_validate(app.get("args", {}))
-        needs = {tier: getattr(args, tier).resources or {tier: 1} for tier in args.tiers()}
-        if args.experts.count:
-            needs["experts"] = args.experts.resources or {"cloud": 1}
-        for tier, need in needs.items():
-            for res, amount in need.items():
-                if have.get(res, 0) < amount:
-                    raise ServingError(
-                        f"no node offers the {res!r} resource the {tier} tier needs",
-                        got={k: v for k, v in have.items() if k in ("CPU", "edge", "cloud")},
-                        fix=f"start nodes with --resources='{{\"{res}\": 8}}' (cluster/README.md), or an autoscaling cluster with {tier} node types",
-                    )
+        for part, bundle in replica_bundles(args).items():
+            if any(all(node.get(k, 0) >= v for k, v in bundle.items() if v > 0) for node in nodes):
+                continue
+            if spec is not None and spec.can_host(bundle):
+                log.info("no node hosts a %s replica (%s) yet: the autoscaler adds one (%s)", part, bundle, ", ".join(t.name for t in spec.workers.values() if t.fits(bundle)))
+                continue
+            tier = next((k for k in bundle if k != "CPU"), "CPU")
+            raise ServingError(
+                f"no node can host a {part} replica, which reserves {bundle}" + (", and the autoscaler has no node type for it" if spec else " (and this cluster has no autoscaler)"),
+                got=[{k: v for k, v in n.items() if k in ("CPU", "edge", "cloud")} for n in nodes],
+                fix=f"start nodes with --num-cpus=2 --resources='{{\"{tier}\": 2}}' (cluster/README.md), or `dynray cluster up --local` (node types for both tiers)",
+            )
 
 
 def _with_expert_entries(config: dict) -> dict:
@@ -134,6 +170,20 @@ def app_status(name: str) -> dict:
         "message": app.message,
         "deployments": {d: {"status": str(s.status.value), "replicas": {str(getattr(k, "value", k)): v for k, v in s.replica_states.items()}} for d, s in app.deployments.items()},
     }
+
+
+def replica_nodes(app: str, address: str) -> dict[str, list[dict]]:
+    """Each deployment's live replicas with the node each runs on (State API: needs the
+    dashboard). ``address``: the cluster's GCS address (the State API would otherwise guess,
+    and may pick another Ray on this host)."""
+    from ray.util.state import list_actors
+
+    prefix = f"ServeReplica:{app}:"
+    out: dict[str, list[dict]] = {}
+    for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False):
+        if a.class_name.startswith(prefix):
+            out.setdefault(a.class_name[len(prefix):], []).append({"replica": a.name.rsplit("#", 1)[-1], "node_id": a.node_id})
+    return {d: sorted(r, key=lambda x: x["replica"]) for d, r in sorted(out.items())}
 
 
 def wait_running(names: list[str], *, timeout_s: float = 120.0) -> None:

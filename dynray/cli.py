@@ -13,12 +13,9 @@ import argparse
 import difflib
 import importlib
 import json
-import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from dynray.flags import UsageError, guarded, parse, setup_logging
 
@@ -149,27 +146,11 @@ def _submit(args: list[str], prog: str) -> int:
             raise UsageError("--env needs KEY=VALUE", got=kv, fix="e.g. --env DYNRAY_HOME=/shared/dynray")
         env_vars[k] = v
     _check_job_args(step, job_args)  # refuse bad job flags here, not minutes later on the cluster
-    address = own.get("address") or os.environ.get("RAY_ADDRESS")
-    if not address:
-        raise UsageError("no cluster to submit to", fix=f"pass --address http://HEAD:8265 or set RAY_ADDRESS (e.g. {prog} {step} --address http://127.0.0.1:8265 -- ...)")
-    from jobs._ray import ensure_auth_env
+    from jobs import _submit as submit
 
-    ensure_auth_env()  # the job SDK must use the head's auth mode, which a plain shell does not say (RAY_NOTES §0)
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(address)
+    address, auth_mode = submit.resolve_address(own.get("address"))
     entry = " ".join([sys.executable if own.get("local_python") else "python", "-m", f"jobs.{step}", *map(_quote, job_args)])
-    runtime_env = {"working_dir": str(Path.cwd()), "excludes": [".venv", ".dynray", ".git", "out", "*.egg-info"], **({"env_vars": env_vars} if env_vars else {})}
-    jid = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
-    print(f"submitted {jid} to {address}: {entry}", flush=True)
-    if own.get("no_wait"):
-        return 0
-    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    while (st := client.get_job_status(jid)) not in terminal:
-        time.sleep(1)
-    print(client.get_job_logs(jid), end="", flush=True)
-    print(f"job {jid}: {st}")
-    return 0 if st == JobStatus.SUCCEEDED else 1
+    return submit.submit(address, entry, env_vars=env_vars, wait=not own.get("no_wait"), auth_mode=auth_mode)
 
 
 def _quote(arg: str) -> str:
@@ -199,6 +180,7 @@ COMMANDS: dict[str, Command] = {
     "nas": Command("neural architecture search with Ray Tune (run)", _actions({"run": "nas"})),
     "models": Command("list, show or promote registered models", _models),
     "serve": Command("start (up), inspect (status), roll versions (roll) or stop (down) the Serve app", _job("deploy")),
+    "cluster": Command("start (up --local), inspect (status) or stop (down) a local autoscaling cluster with edge and cloud node types", _job("cluster")),
     "submit": Command("submit a job step to a Ray cluster (dynray submit STEP --address URL -- ARGS)", _submit),
 }
 

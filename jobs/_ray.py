@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -46,7 +47,11 @@ __all__ = [
     "stop_local_head",
     "head_processes",
     "gcs_reachable",
+    "recorded_head",
+    "job_registry",
 ]
+
+log = logging.getLogger(__name__)
 
 AUTH_MODE_VAR = "RAY_AUTH_MODE"
 HEAD_MARK = "DYNRAY_RAY_HEAD"
@@ -76,6 +81,34 @@ def connect(num_cpus: int | None = None, *, log_to_driver: bool = True) -> None:
         # logical CPUs: every device replica reserves one (what the scheduler sees as its load), and
         # Ray does not check logical CPUs against cores; trials and workers are limited by their own flags
         ray.init(address="local", num_cpus=max(num_cpus or 0, LOCAL_CPUS), resources=dict(LOCAL_RESOURCES), include_dashboard=True, log_to_driver=log_to_driver, logging_level="WARNING")
+
+
+def job_registry():
+    """Where a job reads and registers models: ``$DYNRAY_HOME`` if it is set (an explicit
+    choice, e.g. ``dynray submit --env DYNRAY_HOME=…``); else the cluster's registry actor if
+    this job runs on a cluster that has one (``dynray cluster up``, ``dynray serve up``); else
+    the local ``./.dynray``.
+
+    With ``RAY_ADDRESS`` set (always, inside a Ray job) it attaches to that cluster first.
+    Inside a job the working directory is a temporary copy of the project, so a local
+    ``./.dynray`` there would vanish with the job: that case gets a warning naming the fix.
+    """
+    from actors.registry import REGISTRY_ACTOR, RemoteRegistry, find_registry
+    from dynray.registry import ModelRegistry, default_home
+
+    if os.environ.get("DYNRAY_HOME"):
+        return ModelRegistry()
+    if os.environ.get("RAY_ADDRESS"):
+        connect()
+    handle = find_registry() if ray.is_initialized() else None
+    if handle is not None:
+        remote = RemoteRegistry(handle)
+        log.info("models go to the cluster's registry at %s (through the %s actor)", remote.home, REGISTRY_ACTOR)
+        return remote
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set in a Ray job's driver
+        log.warning("this Ray job registers into %s, inside the job's temporary working directory, and the cluster runs no registry actor: "
+                    "start the cluster with `dynray cluster up --local`, or pass --runtime-env-json '{\"env_vars\": {\"DYNRAY_HOME\": \"/abs/path\"}}'", default_home())
+    return ModelRegistry()
 
 
 def free_port() -> int:
@@ -165,15 +198,20 @@ def _wait_listening(port: int, head: subprocess.Popen, until: float) -> bool:
 
 
 def start_local_head(resources: Mapping[str, float], *, cwd: str | Path, num_cpus: float = LOCAL_CPUS, timeout_s: float = HEAD_START_TIMEOUT_S,
-                     autoscaling_config: str | Path | None = None, extra_env: Mapping[str, str] | None = None) -> LocalHead:
+                     autoscaling_config: str | Path | None = None, extra_env: Mapping[str, str | None] | None = None, gcs_port: int | None = None,
+                     temp_dir: str | None = None) -> LocalHead:
     """Start a private Ray head in its own session, every port picked free; wait until it serves.
 
     It outlives this process (stop it with :func:`stop_local_head`). SIGTERM does not make it
     drain for 30 s first (``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0``): nothing else routes to
     this one node. If it does not come up, it is stopped and :class:`ServingError` raised.
+
+    ``autoscaling_config`` makes it an autoscaling head (its monitor launches the config's
+    node types); ``gcs_port`` and ``temp_dir`` fix what that config must name in advance.
     """
-    gcs, dash, agent, agent_grpc, metrics, rt_env, client = (free_port() for _ in range(7))
-    tmp = tempfile.mkdtemp(prefix="dynray-ray-", dir="/tmp")  # unix socket paths must stay short
+    dash, agent, agent_grpc, metrics, rt_env, client = (free_port() for _ in range(6))
+    gcs = gcs_port or free_port()
+    tmp = temp_dir or tempfile.mkdtemp(prefix="dynray-ray-", dir="/tmp")  # unix socket paths must stay short
     env = client_env(create_token=True, extra={HEAD_MARK: tmp, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
     env.pop("RAY_ADDRESS", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(cwd), env.get("PYTHONPATH")) if p)  # import paths of the Serve config
@@ -183,7 +221,11 @@ def start_local_head(resources: Mapping[str, float], *, cwd: str | Path, num_cpu
            f"--num-cpus={num_cpus:g}"]
     if autoscaling_config is not None:
         cmd.append(f"--autoscaling-config={autoscaling_config}")
-    env.update(extra_env or {})
+    for k, v in (extra_env or {}).items():  # None: leave the variable out of the head's environment
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
     log_path = Path(tmp) / "head.log"
     with open(log_path, "w") as logf:  # the child keeps its own descriptor
         head = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(cwd))
@@ -265,6 +307,17 @@ def stop_local_head(pid: int | None, temp_dir: str | None, *, grace_s: float = S
                 raise ServingError("the local Ray head's processes did not exit", got=[p.pid for p in left], fix=f"kill them by PID, then delete {temp_dir}")
     shutil.rmtree(temp_dir, ignore_errors=True)
     return bool(procs)
+
+
+def recorded_head(state: Mapping) -> tuple[bool, str]:
+    """(running, what was found) for a head recorded as ``{head_pid, temp_dir, address}``."""
+    pid, tmp = state.get("head_pid"), state.get("temp_dir")
+    procs = {p.pid for p in head_processes(tmp, pid)} if tmp else set()
+    if not procs:
+        return False, f"the recorded Ray head (pid {pid}) was not running"
+    if pid not in procs or not gcs_reachable(state.get("address", "")):
+        return False, f"the recorded Ray head (pid {pid}) was broken (GCS at {state.get('address')} not answering, {len(procs)} processes left)"
+    return True, f"the Ray head (pid {pid}) is running at {state.get('address')}"
 
 
 def gcs_reachable(address: str, timeout_s: float = 3.0) -> bool:

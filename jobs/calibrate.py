@@ -10,10 +10,10 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
+from jobs._ray import job_registry
 from dynray.errors import ConfigError
 from dynray.flags import guarded, parse, setup_logging
 from dynray.pipeline import calibrate_and_register
-from dynray.registry import ModelRegistry
 from dynray.thresholds import CalibrationTarget
 
 __all__ = ["Config", "Result", "run", "main"]
@@ -60,7 +60,7 @@ class Result:
 
 
 def run(cfg: Config) -> Result:
-    registry = ModelRegistry()
+    registry = job_registry()
     info, res = calibrate_and_register(registry, cfg.model, cfg.target())
     if cfg.promote:
         info = registry.promote(info.ref, cfg.promote)

@@ -139,16 +139,9 @@ def _write_state(state: dict) -> None:
 
 
 def _head_found(state: dict) -> tuple[bool, str]:
-    """(running, what was found) for the local head recorded in ``state``."""
-    from jobs._ray import gcs_reachable, head_processes
+    from jobs._ray import recorded_head
 
-    pid, tmp = state.get("head_pid"), state.get("temp_dir")
-    procs = {p.pid for p in head_processes(tmp, pid)} if tmp else set()
-    if not procs:
-        return False, f"the recorded Ray head (pid {pid}) was not running"
-    if pid not in procs or not gcs_reachable(state.get("address", "")):
-        return False, f"the recorded Ray head (pid {pid}) was broken (GCS at {state.get('address')} not answering, {len(procs)} processes left)"
-    return True, f"the Ray head (pid {pid}) is running at {state.get('address')}"
+    return recorded_head(state)
 
 
 def _attach(cfg: Config, state: dict) -> None:
@@ -165,7 +158,7 @@ def _attach(cfg: Config, state: dict) -> None:
     if not address:
         raise ServingError("no serving cluster known", got=str(_state_path()), fix="run `dynray serve up` first, or pass --address")
     if not gcs_reachable(address):
-        raise ServingError("no Ray cluster answers at this address", got=address, fix="check --address, or `dynray serve down` to clear a stale state")
+        raise ServingError("no Ray cluster answers at this address", got=address, fix="check --address, or start one with `dynray cluster up --local` (`dynray serve down` clears a stale state)")
     ensure_auth_env(state.get("auth_mode"))
     ray.init(address=address, logging_level="WARNING", log_to_driver=False)
 
@@ -189,6 +182,11 @@ def up(cfg: Config) -> UpResult:
     app = serve_cfg["applications"][0]
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     state: dict = {}
+    cluster = _running_cluster() if not address else {}
+    if cluster:  # the one `dynray cluster up` started: its autoscaler adds the nodes the replicas need
+        address = cluster["address"]
+        state = {"auth_mode": cluster.get("auth_mode"), "cluster": True}
+        log.info("deploying on the cluster from `dynray cluster up` at %s", address)
     head = None
     try:
         if not address:
@@ -197,7 +195,7 @@ def up(cfg: Config) -> UpResult:
             state = {**head.to_state(), "app": app["name"]}
             _write_state(state)  # before deploying: if this command dies, `dynray serve down` still finds the head
             address = head.address
-        ensure_auth_env(head.auth_mode if head else None)
+        ensure_auth_env(head.auth_mode if head else state.get("auth_mode"))
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
         D.deploy(serve_cfg, timeout_s=cfg.timeout)
     except BaseException:
@@ -213,15 +211,29 @@ def up(cfg: Config) -> UpResult:
     return UpResult(app=app["name"], url=url, address=address, head_pid=head.pid if head else None)
 
 
+def _running_cluster() -> dict:
+    """The cluster `dynray cluster up` recorded, if it is running ({} otherwise)."""
+    from jobs._ray import recorded_head
+    from jobs.cluster import read_state
+
+    cluster = read_state()
+    if cluster and recorded_head(cluster)[0]:
+        return cluster
+    return {}
+
+
 def status(cfg: Config) -> StatusResult:
     import requests
 
     from actors import serve_apps as D
+    from jobs.cluster import nodes_by_type
 
     state = _read_state()
     _attach(cfg, state)
     app = state.get("app", "dynray")
     out = {"app": app, "address": state.get("address"), "url": state.get("url"), "serve": D.app_status(app)}
+    types = {n["node_id"]: n["type"] for n in nodes_by_type()}
+    out["replicas"] = {d: [{**r, "node_type": types.get(r["node_id"], "?")} for r in reps] for d, reps in D.replica_nodes(app, cfg.address or state.get("address") or os.environ.get("RAY_ADDRESS", "auto")).items()}
     if state.get("url"):
         try:
             out["health"] = requests.get(f"{state['url']}/v1/health", timeout=5).json()

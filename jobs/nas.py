@@ -19,8 +19,7 @@ from dynray.bench.nas import format_table
 from dynray.flags import guarded, parse, setup_logging
 from dynray.nas import NASConfig, NASResult, run_search
 from dynray.nas.darts import DartsConfig
-from dynray.registry import ModelRegistry
-from jobs._ray import connect
+from jobs._ray import connect, job_registry
 
 __all__ = ["SearchFlags", "Config", "run", "main"]
 
@@ -82,7 +81,7 @@ class Config:
 def run(cfg: Config) -> NASResult:
     nas_cfg = cfg.search.nas_config(cfg.dataset)  # bad input fails here, before Ray starts
     connect(num_cpus=max(2, nas_cfg.concurrency))
-    return run_search(nas_cfg, ModelRegistry(), out_dir=cfg.search.out)
+    return run_search(nas_cfg, job_registry(), out_dir=cfg.search.out)
 
 
 def main(argv: list[str] | None = None, *, prog: str = "python -m jobs.nas") -> int:

@@ -19,10 +19,9 @@ from dynray.models.config import DynamicNetConfig
 from dynray.models.defaults import model_config_for
 from dynray.models.moe import MoEConfig
 from dynray.pipeline import train_and_register
-from dynray.registry import ModelRegistry
 from dynray.store import load_model
 from dynray.training import TrainConfig
-from jobs._ray import connect
+from jobs._ray import connect, job_registry
 
 __all__ = ["MoEFlags", "Config", "Result", "run", "main", "default_name"]
 
@@ -124,7 +123,7 @@ def default_name(dataset: str, arch: str) -> str:
 def run(cfg: Config, *, finetune: FinetuneConfig | None = None, init_ref: str | None = None) -> Result:
     """Train (or fine-tune ``init_ref``) on the connected Ray and register the model."""
     tcfg = cfg.train_config(finetune)  # bad input fails here, before Ray starts
-    registry = ModelRegistry()
+    registry = job_registry()
     init_state = parent = None
     if init_ref is not None:  # fine-tuning starts from a registered model
         stored = load_model(registry, init_ref)

@@ -20,14 +20,13 @@ import tyro
 
 from dynray.errors import ConfigError
 from dynray.flags import guarded, parse, setup_logging
-from dynray.registry import ModelRegistry
 from dynray.routing.cache import SPLITS, ensure_exit_caches, load_records
 from dynray.routing.costs import RouteCosts
 from dynray.routing.env import RouterEnvConfig
 from dynray.routing.policy import save_policy
 from dynray.routing.ppo import PPOTrainConfig, train_ppo
 from dynray.store import load_model
-from jobs._ray import connect
+from jobs._ray import connect, job_registry
 
 __all__ = ["Config", "Result", "run", "main"]
 
@@ -69,7 +68,7 @@ class Result:
 
 
 def run(cfg: Config) -> Result:
-    registry = ModelRegistry()
+    registry = job_registry()
     stored = load_model(registry, cfg.model)
     ref = stored.info.ref
     ensure_exit_caches(registry, ref)

@@ -1,0 +1,173 @@
+"""A real local cluster: `dynray cluster up --local` (the fake multi-node autoscaler), `serve up`
+on it, nodes that come for the replicas and leave after the idle timeout, a job through
+`dynray submit` and through Ray's own `ray job submit`, and `cluster down`.
+
+Every command runs by subprocess from a clean shell (no RAY_* variables, the venv not on
+PATH unless a step needs the console script), against a temporary registry. The fake nodes
+are real raylets on this machine: a node the autoscaler removes is really gone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from dynray.models import DynamicNetConfig, build
+from dynray.registry import ModelRegistry
+from dynray.serving.payload import encode_array
+from dynray.store import save_model
+from dynray.thresholds import ThresholdRule
+from jobs._ray import free_port, psutil  # Ray ships psutil (ray/thirdparty_files); jobs._ray puts it on the path
+
+pytestmark = pytest.mark.cluster
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DYNRAY = str(BIN / "dynray")
+HEAD_MARK = "DYNRAY_RAY_HEAD"
+
+
+def _run(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([DYNRAY, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _status(env: dict) -> dict:
+    p = _run(["cluster", "status", "--json"], env, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout)
+
+
+def _alive_types(env: dict) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in _status(env)["nodes"]:
+        if n["alive"]:
+            out[n["type"]] = out.get(n["type"], 0) + 1
+    return out
+
+
+def _wait_for(pred, timeout_s: float, step_s: float = 1.0):
+    until = time.monotonic() + timeout_s
+    while time.monotonic() < until:
+        got = pred()
+        if got:
+            return got
+        time.sleep(step_s)
+    return pred()
+
+
+def _head_procs(temp_dir: str) -> list[int]:
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(HEAD_MARK) == temp_dir and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except psutil.Error:
+            continue
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, clean_env):
+    home = tmp_path_factory.mktemp("cluster-home")
+    env = clean_env(home)
+    reg = ModelRegistry(home)
+    torch.manual_seed(0)
+    model = build(DynamicNetConfig(widths=(4, 8, 8), layers=(1, 1, 1), exit_hidden=8)).eval()
+    model.complexity.fit(torch.rand(256, 1, 28, 28))
+    reg.promote(save_model(reg, "srv", model, dataset="mnist-5k", rule=ThresholdRule(thresholds=(0.5, 0.5)), metrics={}).ref, "production")
+    t0 = time.monotonic()
+    p = _run(["cluster", "up", "--local"], env, timeout=180)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    state = json.loads((home / "cluster.json").read_text())
+    yield {"env": env, "home": home, "state": state, "up_s": time.monotonic() - t0, "up_out": p.stdout}
+    _run(["cluster", "down"], env, timeout=120)
+    for pid in _head_procs(state["temp_dir"]):  # whatever `down` left (its test checks there is none)
+        psutil.Process(pid).kill()
+
+
+def test_up_starts_a_head_without_tier_resources_and_a_second_up_says_where_it_runs(cluster):
+    assert "edge.worker" in cluster["up_out"] and "cloud.worker" in cluster["up_out"]
+    nodes = _status(cluster["env"])["nodes"]
+    assert [n["type"] for n in nodes if n["alive"]] == ["ray.head.default"]
+    assert "edge" not in nodes[0]["total"] and "cloud" not in nodes[0]["total"]
+    again = _run(["cluster", "up", "--local"], cluster["env"], timeout=60)
+    assert again.returncode == 2 and "already up" in again.stderr and cluster["state"]["address"] in again.stderr, again.stderr
+
+
+def test_serve_up_makes_the_autoscaler_add_edge_and_cloud_nodes_for_the_replicas(cluster):
+    env, port = cluster["env"], free_port()
+    t0 = time.monotonic()
+    p = _run(["serve", "up", "--port", str(port)], env, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "the autoscaler adds one (edge.worker)" in p.stderr and "(cloud.worker)" in p.stderr
+    cluster["serve_up_s"] = time.monotonic() - t0
+    types = _alive_types(env)
+    assert types.get("edge.worker", 0) >= 1 and types.get("cloud.worker") == 1, types
+    st = _run(["serve", "status"], env, timeout=60)
+    assert st.returncode == 0, st.stderr[-2000:]
+    replicas = json.loads(st.stdout)["replicas"]
+    # device replicas run where their tier's resource is, the ingress on the head
+    assert {r["node_type"] for r in replicas["Edge"]} == {"edge.worker"} and len(replicas["Edge"]) == 2, replicas
+    assert {r["node_type"] for r in replicas["Cloud"]} == {"cloud.worker"}, replicas
+    assert {r["node_type"] for r in replicas["Ingress"]} == {"ray.head.default"}, replicas
+    # the replicas on the worker nodes got the model through the registry actor on the head
+    r = requests.post(f"http://127.0.0.1:{port}/v1/predict", json=encode_array(torch.rand(4, 1, 28, 28)), timeout=30)
+    assert r.status_code == 200 and r.json()["model_version"] == "srv:v1", r.text
+
+
+def test_serve_down_lets_the_worker_nodes_go_after_the_idle_timeout(cluster):
+    env = cluster["env"]
+    p = _run(["serve", "down"], env, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    idle_s = cluster["state"]["spec"]["idle_timeout_s"]
+    t0 = time.monotonic()
+    left = _wait_for(lambda: _alive_types(env) == {"ray.head.default": 1}, idle_s + 60, step_s=2)
+    assert left, _alive_types(env)
+    assert time.monotonic() - t0 <= idle_s + 60
+
+
+def test_dynray_submit_runs_a_train_job_and_the_model_shows_in_models_list(cluster):
+    """No --address: the job goes to the cluster `cluster up` recorded; the model it trains
+    reaches the registry on the head through the registry actor (the job's own working dir
+    is a temporary copy that vanishes)."""
+    env = {**cluster["env"], "PATH": f"{BIN}:/usr/bin:/bin"}  # `python` in the entrypoint resolves on the head's PATH; the client needs none
+    p = subprocess.run([DYNRAY, "submit", "train", "--", "--epochs", "1", "--workers", "1", "--name", "submitted"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "SUCCEEDED" in p.stdout and "registered submitted:v1" in p.stdout, p.stdout[-2000:]
+    listed = _run(["models", "list"], cluster["env"], timeout=60)
+    assert re.search(r"^submitted:v1\s", listed.stdout, re.M), listed.stdout
+
+
+def test_ray_job_submit_with_rays_own_cli_registers_into_the_head_registry(cluster):
+    env = {**cluster["env"], "PATH": f"{BIN}:/usr/bin:/bin", "RAY_AUTH_MODE": cluster["state"]["auth_mode"]}
+    p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster["state"]["dashboard"], "--working-dir", ".",
+                        "--runtime-env-json", json.dumps({"excludes": [".venv", ".dynray", ".git", "out"]}), "--",
+                        "python", "-m", "jobs.calibrate", "--model", "submitted:v1", "--max-drop", "0.05"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "succeeded" in (p.stdout + p.stderr).lower()
+    refs = [i.ref for i in ModelRegistry(cluster["home"]).list("submitted")]
+    assert refs == ["submitted:v1", "submitted:v2"], refs  # the calibrated child landed on the head
+
+
+def test_a_failing_job_exits_non_zero_with_its_last_log_lines(cluster):
+    p = _run(["submit", "calibrate", "--", "--model", "no-such-model", "--max-drop", "0.05"], {**cluster["env"], "PATH": f"{BIN}:/usr/bin:/bin"}, timeout=300)
+    assert p.returncode == 1, (p.stdout + p.stderr)[-3000:]
+    assert "FAILED" in p.stderr and "last" in p.stderr and "no-such-model" in p.stderr, p.stderr[-2000:]
+
+
+def test_down_stops_every_process_and_leaves_no_state(cluster):
+    temp_dir = cluster["state"]["temp_dir"]
+    p = _run(["cluster", "down"], cluster["env"], timeout=120)
+    assert p.returncode == 0 and "stopped the cluster" in p.stdout, p.stdout + p.stderr
+    assert _wait_for(lambda: not _head_procs(temp_dir), 15), _head_procs(temp_dir)
+    assert not (cluster["home"] / "cluster.json").exists() and not Path(temp_dir).exists()
+    again = _run(["cluster", "status"], cluster["env"], timeout=60)
+    assert again.returncode == 2 and "dynray cluster up" in again.stderr
