@@ -48,6 +48,7 @@ __all__ = [
     "head_processes",
     "gcs_reachable",
     "recorded_head",
+    "read_state_file",
     "job_registry",
 ]
 
@@ -307,6 +308,16 @@ def stop_local_head(pid: int | None, temp_dir: str | None, *, grace_s: float = S
                 raise ServingError("the local Ray head's processes did not exit", got=[p.pid for p in left], fix=f"kill them by PID, then delete {temp_dir}")
     shutil.rmtree(temp_dir, ignore_errors=True)
     return bool(procs)
+
+
+def read_state_file(path: Path, what: str) -> dict:
+    """A recorded head's JSON state (``{}`` if the file is absent)."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ServingError(f"the {what} state file is not JSON", got=f"{path}: {e}", fix=f"stop what it names by hand, then delete {path}") from None
 
 
 def recorded_head(state: Mapping) -> tuple[bool, str]:

@@ -124,13 +124,9 @@ def _state_path() -> Path:
 
 def read_state() -> dict:
     """The recorded cluster (``{}`` if none): address, dashboard, head_pid, temp_dir, auth_mode, spec."""
-    p = _state_path()
-    if not p.exists():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ServingError("the cluster state file is not JSON", got=f"{p}: {e}", fix=f"stop what it names by hand, then delete {p}") from None
+    from jobs._ray import read_state_file
+
+    return read_state_file(_state_path(), "cluster")
 
 
 def load_local_config(path: str | Path) -> tuple[dict, ClusterSpec]:

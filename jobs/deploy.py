@@ -125,13 +125,9 @@ def _state_path() -> Path:
 
 
 def _read_state() -> dict:
-    p = _state_path()
-    if not p.exists():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ServingError("the serving state file is not JSON", got=f"{p}: {e}", fix=f"stop what it names by hand, then delete {p}") from None
+    from jobs._ray import read_state_file
+
+    return read_state_file(_state_path(), "serving")
 
 
 def _write_state(state: dict) -> None:
