@@ -118,6 +118,8 @@ def _schema_at(schema: dict, path: list) -> dict:
             node = props[part]
         elif isinstance(node.get("additionalProperties"), dict):
             node = node["additionalProperties"]
+        elif node.get("patternProperties"):  # e.g. available_node_types: any name -> a node type
+            node = next(iter(node["patternProperties"].values()))
         else:
             return {}
         if "$ref" in node:
@@ -174,9 +176,12 @@ def _start_resources(params: dict, source: str, where: str) -> dict[str, float]:
     if "num-cpus" in params:
         res["CPU"] = float(params["num-cpus"])
     if "resources" in params:
-        raw = str(params["resources"]).strip().strip("'")
+        raw = str(params["resources"]).strip()
         try:
-            res.update({k: float(v) for k, v in json.loads(raw).items()})
+            val = json.loads(raw)
+            if isinstance(val, str):  # KubeRay's quoting: resources: '"{\"edge\": 2}"' is a JSON string holding the object
+                val = json.loads(val)
+            res.update({k: float(v) for k, v in val.items()})
         except (ValueError, AttributeError) as e:
             raise ConfigError(f"{source}: at {where}.rayStartParams.resources: not a JSON object ({e})", got=raw, fix='write resources: \'"{\\"edge\\": 2}"\'') from None
     return res

@@ -173,6 +173,11 @@ def up(cfg: Config) -> UpResult:
         stop_local_head(state.get("head_pid"), state.get("temp_dir"))
         _state_path().unlink(missing_ok=True)
         log.warning("%s; cleared its stale state", found)
+    from jobs._ray import gcs_reachable
+
+    given = cfg.address or os.environ.get("RAY_ADDRESS")
+    if given and not gcs_reachable(given):
+        raise ServingError("no Ray cluster answers at this address", got=given, fix="check --address (HOST:PORT of the head's GCS), or start one with `dynray cluster up --local`")
     home = str(default_home())
     serve_cfg = D.prepare_config(D.load_config(cfg.config) if cfg.config else D.load_config(), home=home, models=cfg.model, weights=cfg.weights, port=cfg.port)
     app = serve_cfg["applications"][0]
