@@ -18,8 +18,10 @@ passes). The caller owns ``ray.init`` and the deployed app.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+from collections.abc import Callable
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -30,7 +32,7 @@ from dynray.errors import ConfigError, ServingError
 from dynray.serving.config import CLOUD, EDGE, INGRESS
 from dynray.serving.payload import encode_array
 
-__all__ = ["ChaosConfig", "ChaosResult", "kill_devices_under_load", "kill_ingress_under_load", "replicas"]
+__all__ = ["ChaosConfig", "ChaosResult", "Kill", "under_load", "kill_devices_under_load", "kill_ingress_under_load", "replicas", "running_replicas"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,8 @@ class ChaosResult:
     kills_during_load: bool = True
     """Every kill happened before the load's last answer (else the run proves nothing)."""
     load_s: float = 0.0
+    answered_by_tier: dict[str, int] = field(default_factory=dict)
+    """Answers by the tier that gave them (an answer's last tier: ``cloud`` when it escalated or failed over)."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -106,7 +110,7 @@ def replicas(app: str, deployment: str) -> list[str]:
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
 
 
-def _running(app: str, deployment: str) -> int:
+def running_replicas(app: str, deployment: str) -> int:
     from actors.serve_apps import app_status
 
     return app_status(app).get("deployments", {}).get(deployment, {}).get("replicas", {}).get("RUNNING", 0)
@@ -124,7 +128,7 @@ def _kill_and_wait(app: str, deployment: str, timeout_s: float) -> tuple[str, fl
     killed = time.monotonic()
     while time.monotonic() - killed < timeout_s:
         now = replicas(app, deployment)
-        if victim not in now and len(now) >= n and _running(app, deployment) >= n:
+        if victim not in now and len(now) >= n and running_replicas(app, deployment) >= n:
             break
         time.sleep(0.2)
     else:
@@ -138,7 +142,12 @@ def _payloads(images: np.ndarray) -> list[dict]:
     return [encode_array(images[i : i + 1], dtype="uint8") for i in range(len(images))]
 
 
-def _under_load(cfg: ChaosConfig, images: np.ndarray, deployments: tuple[str, ...]) -> ChaosResult:
+Kill = Callable[[], tuple[str, float]]
+"""Kills one thing and waits until it is replaced: (what was killed, seconds to recover)."""
+
+
+def under_load(cfg: ChaosConfig, images: np.ndarray, kills: dict[str, Kill]) -> ChaosResult:
+    """Run the load; ``cfg.kill_after_s`` into it, run each kill in turn (named by its key)."""
     if len(images) == 0:
         raise ConfigError("images is empty", fix="pass [N, C, H, W] test images, N >= 1")
     bodies = _payloads(images)
@@ -155,11 +164,11 @@ def _under_load(cfg: ChaosConfig, images: np.ndarray, deployments: tuple[str, ..
     t.start()
     time.sleep(cfg.kill_after_s)
     killed, recovery, kill_times = [], {}, []
-    for dep in deployments:
+    for name, kill in kills.items():
         kill_times.append(time.monotonic())
-        victim, took = _kill_and_wait(cfg.app, dep, cfg.recovery_timeout_s)
+        victim, took = kill()
         killed.append(victim)
-        recovery[dep.lower()] = took
+        recovery[name] = took
     t.join(timeout=cfg.requests * cfg.timeout_s)
     if "res" not in out:
         raise ServingError("the load run did not finish", got=f"{cfg.requests} requests", fix="check the app's health; lower requests or raise timeout_s")
@@ -189,16 +198,26 @@ def _under_load(cfg: ChaosConfig, images: np.ndarray, deployments: tuple[str, ..
         killed=killed,
         kills_during_load=bool(done_at) and all(k < done_at[0] for k in kill_times),
         load_s=round((done_at[0] if done_at else time.monotonic()) - t0, 2),
+        answered_by_tier=_by_tier(ok),
     )
+
+
+def _by_tier(records: list[RequestRecord]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in records:
+        tiers = (r.body or {}).get("tier") or ["?"]
+        last = "cloud" if "cloud" in tiers else tiers[0]
+        out[last] = out.get(last, 0) + 1
+    return out
 
 
 def kill_devices_under_load(cfg: ChaosConfig, images: np.ndarray, deployments: tuple[str, ...] = (EDGE, CLOUD)) -> ChaosResult:
     """Kill one replica of each of ``deployments`` in turn under load (each waited for until replaced)."""
-    return _under_load(cfg, images, deployments)
+    return under_load(cfg, images, {dep.lower(): functools.partial(_kill_and_wait, cfg.app, dep, cfg.recovery_timeout_s) for dep in deployments})
 
 
 def kill_ingress_under_load(cfg: ChaosConfig, images: np.ndarray) -> ChaosResult:
     """Kill one ingress replica under load; ``answered`` counts ``cfg.retries`` client retries."""
     if len(replicas(cfg.app, INGRESS)) < 2:
         raise ServingError("killing the only ingress replica proves nothing", got=len(replicas(cfg.app, INGRESS)), fix="deploy with ingress: {replicas: 2} (the default)")
-    return _under_load(cfg, images, (INGRESS,))
+    return under_load(cfg, images, {"ingress": functools.partial(_kill_and_wait, cfg.app, INGRESS, cfg.recovery_timeout_s)})
