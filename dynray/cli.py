@@ -175,7 +175,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train a DynamicNet with Ray Train and register it", _job("train")),
     "finetune": Command("fine-tune a registered model (freeze, unfreeze last N, gradual, split LRs)", _job("finetune")),
     "calibrate": Command("calibrate thresholds on the val split (registers a child version)", _job("calibrate")),
-    "bench": Command("measure a section (core, serve, router, moe, nas) into the bench JSON", _job("bench")),
+    "bench": Command("measure a section (core, serve, router, moe, nas, cluster) into the bench JSON", _job("bench")),
     "router": Command("train the PPO router of a model (train), or cache its exit outputs (cache)", _actions({"train": "train_router", "cache": "router_cache"})),
     "nas": Command("neural architecture search with Ray Tune (run)", _actions({"run": "nas"})),
     "models": Command("list, show or promote registered models", _models),

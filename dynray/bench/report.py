@@ -111,4 +111,6 @@ def format_nas(s: dict) -> str:
 
 def format_section(section: str, s: dict) -> str:
     """The printer of ``section`` (core for any section without its own)."""
-    return {"core": format_core, "serve": format_serve, "router": format_router, "moe": format_moe, "nas": format_nas}.get(section, format_core)(s)
+    from dynray.bench.cluster import format_cluster
+
+    return {"core": format_core, "serve": format_serve, "router": format_router, "moe": format_moe, "nas": format_nas, "cluster": format_cluster}.get(section, format_core)(s)

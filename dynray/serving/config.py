@@ -104,6 +104,7 @@ class IngressArgs(_Strict):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="HTTP body size limit (checked while the body streams in)")
     coalesce_wait_ms: float = Field(0.0, ge=0, description="wait to coalesce concurrent requests into one edge call (0 = adaptive)")
     routing_sync_period_s: float = Field(0.5, gt=0, description="how often each replica pushes what it saw of the tiers and pulls the merged view (off the request path)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom resources per ingress and routing-state replica (they reserve no CPU), e.g. {'node:__internal_head__': 0.001} to keep them on the head: a device node that hosts one never goes idle, so the autoscaler could never remove it")
 
 
 class FailoverArgs(_Strict):

@@ -162,6 +162,41 @@ def test_killing_an_edge_nodes_raylet_under_load_loses_no_request_and_the_node_i
     assert len(replicas["Edge"]) == 2 and out["node"]["node_id"] not in {r["node_id"] for r in replicas["Edge"]}, replicas
 
 
+AUTOSCALE = """
+import json, sys
+import ray
+from dynray.bench.serve import wire_images
+from dynray.data import load_dataset
+from jobs._ray import ensure_auth_env
+from jobs.bench_cluster import BurstConfig, Sampler, burst_autoscale
+address, auth, url, serve_json, idle = sys.argv[1:6]
+ensure_auth_env(auth)
+ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+images = wire_images(load_dataset("mnist-5k", "test"))[:64]
+sampler = Sampler("dynray", every_s=0.5).start()
+served = json.loads(open(serve_json).read())
+cfg = BurstConfig(url=url, replicas_max=3, concurrency=16, timeout_s=90, settle_nodes=1, wait_nodes_down=True, idle_timeout_s=float(idle))
+out = burst_autoscale(cfg, served["config"], images, sampler)
+sampler.stop()
+print(json.dumps(out))
+"""
+
+
+def test_serve_replica_autoscaling_follows_a_burst_and_drives_node_scaling_up_and_down(cluster):
+    """The edge tier autoscales 1..3 replicas; one edge node holds 2, so the burst's third
+    replica makes the autoscaler add an edge node, which leaves after the burst (idle timeout)."""
+    env, state = {**cluster["env"], "PATH": f"{BIN}:/usr/bin:/bin"}, cluster["state"]
+    url = json.loads(_run(["serve", "status"], cluster["env"], timeout=60).stdout)["url"] + "/v1/predict"
+    p = subprocess.run([sys.executable, "-c", AUTOSCALE, state["address"], state["auth_mode"], url, str(cluster["home"] / "serve.json"), str(state["spec"]["idle_timeout_s"])],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    a = json.loads(p.stdout.strip().splitlines()[-1])
+    print("autoscale:", a)
+    assert (a["replicas_start"], a["replicas_peak"], a["nodes_start"], a["nodes_peak"]) == (1, 3, 1, 2), a
+    assert a["up_s"] is not None and a["down_s"] is not None and a["burst_errors"] == 0, a
+    assert a["nodes_down_s"] is not None and a["nodes_end"] == 1, a  # the burst's node left once idle
+
+
 def test_serve_down_lets_the_worker_nodes_go_after_the_idle_timeout(cluster):
     env = cluster["env"]
     p = _run(["serve", "down"], env, timeout=120)
