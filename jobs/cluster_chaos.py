@@ -47,6 +47,8 @@ class NodeKill:
     replicas_on_it: int
     node_replaced_s: float | None
     """Seconds until a live node of its type stood in for it (None: not within the timeout)."""
+    node_dead_s: float | None = None
+    """Seconds until the GCS marked the node dead (its health checks failed)."""
 
 
 def raylet_of(node_id: str) -> psutil.Process:
@@ -87,7 +89,7 @@ def kill_node_under_load(cfg: ChaosConfig, images: np.ndarray, *, address: str, 
     victim = max(hosting, key=hosting.get)
     before_nodes = len(live_nodes_of_type(node_type))
     before_replicas = running_replicas(cfg.app, deployment)
-    replaced: dict[str, float | None] = {"s": None}
+    replaced: dict[str, float | None] = {"s": None, "dead": None}
 
     def kill() -> tuple[str, float]:
         raylet = raylet_of(victim)
@@ -101,6 +103,9 @@ def kill_node_under_load(cfg: ChaosConfig, images: np.ndarray, *, address: str, 
         while time.monotonic() - t0 < max(cfg.recovery_timeout_s, replace_timeout_s):
             now = time.monotonic() - t0
             live = live_nodes_of_type(node_type)
+            if replaced["dead"] is None and victim not in live:
+                replaced["dead"] = round(now, 2)
+                log.info("node %s marked dead after %.1f s", victim[-6:], now)
             if replaced["s"] is None and victim not in live and len(live) >= before_nodes:
                 replaced["s"] = round(now, 2)
             if recovered is None and victim not in live:
@@ -113,4 +118,4 @@ def kill_node_under_load(cfg: ChaosConfig, images: np.ndarray, *, address: str, 
         return f"node {victim[-6:]} ({node_type})", recovered if recovered is not None else round(time.monotonic() - t0, 2)
 
     res = under_load(cfg, images, {"node": kill})
-    return res, NodeKill(node_id=victim, node_type=node_type, replicas_on_it=hosting[victim], node_replaced_s=replaced["s"])
+    return res, NodeKill(node_id=victim, node_type=node_type, replicas_on_it=hosting[victim], node_replaced_s=replaced["s"], node_dead_s=replaced["dead"])

@@ -100,8 +100,10 @@ def plot_timeline(samples: Sequence[Sample], phases: Sequence[Phase], path: str 
     fig, (ax_n, ax_r) = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
     for ax, kind in ((ax_n, "nodes"), (ax_r, "replicas")):
         keys = sorted({k for s in samples for k in s.get(kind, {})})
-        for k in keys:
-            ax.step(t, [count(s, kind, k) for s in samples], where="post", label=k)
+        for i, k in enumerate(keys):  # widest first, so a series hidden under another still shows
+            width = 1.2 + 2.4 * (len(keys) - 1 - i) / max(len(keys) - 1, 1)
+            label = "type not yet known (node registering)" if k == "?" else k
+            ax.step(t, [count(s, kind, k) for s in samples], where="post", label=label, linewidth=width, alpha=0.85)
         ax.set_ylabel("live nodes" if kind == "nodes" else "RUNNING replicas")
         ax.legend(loc="upper left", fontsize=8, ncol=len(keys))
         ax.grid(alpha=0.3)
@@ -139,7 +141,7 @@ def format_cluster(s: dict) -> str:
     out.append(_kill_line("node kill", s.get("node_kill")))
     if s.get("node_kill"):
         nk = s["node_kill"]
-        out.append(f"    killed {nk['node']['node_type']} node {nk['node']['node_id'][-6:]} with {nk['node']['replicas_on_it']} replicas; replacement node after {nk['node']['node_replaced_s']} s")
+        out.append(f"    killed {nk['node']['node_type']} node {nk['node']['node_id'][-6:]} with {nk['node']['replicas_on_it']} replicas; marked dead after {nk['node'].get('node_dead_s')} s, replacement node after {nk['node']['node_replaced_s']} s")
     out.append(_kill_line("ingress kill", s.get("ingress_kill")))
     out.append(f"  job round trip (dynray submit train, until `dynray models list` shows it): {s['job_roundtrip_s']} s")
     for tg in targets(s):

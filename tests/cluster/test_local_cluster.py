@@ -147,6 +147,7 @@ def test_killing_an_edge_nodes_raylet_under_load_loses_no_request_and_the_node_i
     p = subprocess.run([sys.executable, "-c", NODE_KILL, state["address"], state["auth_mode"], url], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
+    print("node kill:", {k: out[k] for k in ("requests", "answered", "answered_no_retry", "errors", "recovery_s", "answered_by_tier", "node")})
     assert out["kills_during_load"] and out["node"]["replicas_on_it"] >= 1, out
     # with one client retry every request is answered; at the first try a few requests in
     # flight on the dying node can fail (0 and 4 of 400 in two runs here)
