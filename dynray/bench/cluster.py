@@ -137,7 +137,7 @@ def format_cluster(s: dict) -> str:
     a = s.get("serve_autoscale")
     if a:
         out.append(f"  serve autoscale ({a['deployment']} {a['replicas_min']}-{a['replicas_max']}): {a['replicas_start']} -> {a['replicas_peak']} replicas in {a['up_s']} s of burst, "
-                   f"back to {a['replicas_min']} in {a['down_s']} s; edge nodes {a['nodes_start']} -> {a['nodes_peak']} (+{a['nodes_up_s']} s) -> {a['nodes_end']} (-{a['nodes_down_s']} s after the burst)")
+                   f"back to {a['replicas_min']} in {a['down_s']} s; edge nodes {a['nodes_start']} -> {a['nodes_peak']} (up {a['nodes_up_s']} s into the burst) -> {a['nodes_end']} ({a['nodes_down_s']} s after it)")
     out.append(_kill_line("node kill", s.get("node_kill")))
     if s.get("node_kill"):
         nk = s["node_kill"]
