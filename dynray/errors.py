@@ -20,6 +20,7 @@ __all__ = [
     "CalibrationError",
     "RequestError",
     "ServingError",
+    "CryptoError",
 ]
 
 
@@ -86,6 +87,10 @@ class RegistryError(DynrayError):
 
 class IntegrityError(RegistryError):
     """A stored file is truncated, corrupt or was changed after it was written."""
+
+
+class CryptoError(IntegrityError):
+    """An encrypted artifact cannot be opened: tampered, truncated, or the master key is wrong or missing."""
 
 
 class InputValidationError(DynrayError, ValueError):

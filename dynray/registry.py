@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
 from dynray.errors import IntegrityError, RegistryError, UnknownNameError
@@ -39,7 +40,9 @@ from dynray.fileio import git_commit as _git_commit
 from dynray.fileio import sha256_bytes as _sha256
 from dynray.fileio import sha256_file as _sha256_file
 from dynray.fileio import write_durable as _write_durable
-from dynray.registry_bytes import FORMAT, INTEGRITY_FIX, META_DIGEST_FILE, META_FILE, WEIGHTS_FILE, VersionBytes, listed_files, verify_bytes
+from dynray.registry_bytes import (DEK_FILE, ENC_WEIGHTS_FILE, ENCRYPTION_SCHEME, FORMAT, INTEGRITY_FIX, META_DIGEST_FILE, META_FILE, WEIGHTS_FILE, VersionBytes,
+                                   key_file, listed_files, meta_digest, verify_bytes)
+from dynray.security.crypto import Keyring, MasterKey, Sealed, rewrap, seal
 
 __all__ = ["ModelRegistry", "RegistryReader", "ModelInfo", "LoadedModel", "STAGES", "default_home"]
 
@@ -123,9 +126,12 @@ def _integrity(what: str, path: Path) -> IntegrityError:
 class ModelRegistry:
     """A versioned model store rooted at ``home`` (default :func:`default_home`)."""
 
-    def __init__(self, home: str | Path | None = None) -> None:
+    def __init__(self, home: str | Path | None = None, *, keyring: Keyring | None = None) -> None:
         self.home: Path = Path(home).expanduser().resolve() if home is not None else default_home()
         self.models_dir: Path = self.home / "models"
+        self.keyring: Keyring = keyring if keyring is not None else Keyring.from_env()
+        """Master keys: with one, new versions are encrypted (envelope, AES-256-GCM) and
+        encrypted ones can be loaded. Default: ``DYNRAY_MASTER_KEY`` / ``_FILE`` (none: plaintext)."""
 
     # ----------------------------------------------------------------------------- writing
     def register(
@@ -156,6 +162,9 @@ class ModelRegistry:
         parent_ref = self.resolve(parent).ref if parent is not None else None
         extra = {"name": name, "version": 0, "created_at": "", "git_commit": _git_commit(),
                  "parent": parent_ref, "format": FORMAT, "files": {}}
+        master = self.keyring.current
+        if master is not None:
+            extra["encryption"] = {"scheme": ENCRYPTION_SCHEME, "artifact": uuid.uuid4().hex}
         full = {**meta, **extra}
         try:  # reject before writing anything
             json.dumps(full)
@@ -175,12 +184,21 @@ class ModelRegistry:
         try:
             weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
             try:
-                st_save_file(weights, str(tmp / WEIGHTS_FILE))
+                if master is None:
+                    st_save_file(weights, str(tmp / WEIGHTS_FILE))
+                else:
+                    plaintext = st_save(weights)
             except Exception as e:  # noqa: BLE001 - safetensors raises several types
                 raise RegistryError("cannot save tensors as safetensors", got=str(e),
                                     fix="pass dense tensors (no sparse or quantized layouts)") from e
-            _fsync_path(tmp / WEIGHTS_FILE)
-            full["files"] = {p.name: _sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            if master is None:
+                _fsync_path(tmp / WEIGHTS_FILE)
+            else:  # the plaintext weights never reach the disk
+                sealed = seal(plaintext, {"kind": "dynray-model-weights/1", "model": name, "artifact": extra["encryption"]["artifact"],
+                                          "meta_sha256": meta_digest(full)}, master)
+                _write_durable(tmp / ENC_WEIGHTS_FILE, sealed.data)
+                _write_durable(tmp / DEK_FILE, sealed.wrapped)
+            full["files"] = {p.name: _sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != DEK_FILE}
             with self._lock():
                 version = self._next_version(name_dir)
                 for _ in range(_MAX_RENAME_TRIES):
@@ -225,6 +243,25 @@ class ModelRegistry:
             self._write_stages(stages)
         log.debug("promoted %s to %s (was %s)", info.ref, stage, previous)
         return self._read_info(info.name, info.version)
+
+    def rewrap(self, new: MasterKey) -> list[str]:
+        """Re-wrap the data key of every encrypted version under ``new`` (the registry's
+        keyring must open the old wraps); the sealed weights are not touched. Returns the refs."""
+        done = []
+        with self._lock():
+            for v_name, version in self._version_dirs(None):
+                path = self.models_dir / v_name / f"v{version}"
+                if not (path / DEK_FILE).is_file():
+                    continue
+                ref = f"{v_name}:v{version}"
+                old = Sealed((path / ENC_WEIGHTS_FILE).read_bytes(), (path / DEK_FILE).read_bytes())
+                fresh = rewrap(old, self.keyring, new, what=f"{ENC_WEIGHTS_FILE} of {ref}")
+                tmp = path / f".dek-{uuid.uuid4().hex}.tmp"
+                _write_durable(tmp, fresh.wrapped)
+                os.replace(tmp, path / DEK_FILE)
+                _fsync_path(path)
+                done.append(ref)
+        return done
 
     # ----------------------------------------------------------------------------- reading
     def list(self, name: str | None = None) -> list[ModelInfo]:
@@ -408,11 +445,18 @@ class ModelRegistry:
                 files[fname] = (path / fname).read_bytes()
             except OSError as e:
                 missing[fname] = str(e.strerror)
-        return VersionBytes(name=info.name, version=info.version, path=str(path), meta_bytes=meta_bytes, digest=digest, files=files, missing=missing, stages=info.stages)
+        wrapped = None
+        if (kf := key_file(meta_bytes)) is not None:
+            try:
+                wrapped = (path / kf).read_bytes()
+            except OSError:
+                wrapped = None  # verify_bytes names it
+        return VersionBytes(name=info.name, version=info.version, path=str(path), meta_bytes=meta_bytes, digest=digest, files=files, missing=missing,
+                            stages=info.stages, wrapped_key=wrapped)
 
     def _verified(self, info: ModelInfo) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
         """Check meta.json's digest, every listed file's digest, and parse the weights."""
-        meta, tensors = verify_bytes(self._bytes(info))
+        meta, tensors = verify_bytes(self._bytes(info), self.keyring)
         return self._info(info.name, info.version, info.path, meta), tensors
 
 

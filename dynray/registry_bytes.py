@@ -7,10 +7,19 @@ registry's host sends it through Ray (``actors/registry.py``); the receiver chec
 sha256 with :func:`verify_bytes` before a weight is parsed, exactly as a local
 ``ModelRegistry.load`` does (it uses the same function), so a file corrupted on the host or
 in transit never loads.
+
+An **encrypted** version (registered while a master key is set, :mod:`dynray.security.crypto`)
+holds ``model.safetensors.enc`` (sealed, listed in ``files``) and ``model.dek`` (its wrapped
+data key, not listed: it changes when the master key rotates, and AES-GCM authenticates it).
+Its bytes travel encrypted and are decrypted by :func:`verify_bytes` on the receiving
+replica, with the master key of that process. The sealed header authenticates the model's
+name, an artifact id and the sha256 of its meta.json (:func:`meta_digest`), so an edited or
+swapped meta.json is refused even when its plain sha256 files were recomputed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +29,18 @@ from safetensors.torch import load as st_load
 
 from dynray.errors import IntegrityError
 from dynray.fileio import sha256_bytes
+from dynray.security.crypto import Keyring, Sealed, open_sealed
 
-__all__ = ["VersionBytes", "verify_bytes", "listed_files", "FORMAT", "WEIGHTS_FILE", "META_FILE", "META_DIGEST_FILE", "INTEGRITY_FIX"]
+__all__ = ["VersionBytes", "verify_bytes", "listed_files", "key_file", "weights_file", "meta_digest", "FORMAT", "WEIGHTS_FILE", "ENC_WEIGHTS_FILE",
+           "DEK_FILE", "ENCRYPTION_SCHEME", "META_FILE", "META_DIGEST_FILE", "INTEGRITY_FIX"]
 
 FORMAT = "dynray-model/1"
 WEIGHTS_FILE = "model.safetensors"
+ENC_WEIGHTS_FILE = "model.safetensors.enc"
+DEK_FILE = "model.dek"
+ENCRYPTION_SCHEME = "dynray-envelope/1"
+_UNSIGNED_META = ("version", "created_at", "files")
+"""meta.json keys set after the weights are sealed (the version is allocated last)."""
 META_FILE = "meta.json"
 META_DIGEST_FILE = "meta.json.sha256"
 INTEGRITY_FIX = "re-register the model: dynray train …, or restore the file from backup"
@@ -47,6 +63,8 @@ class VersionBytes:
     """Listed files that could not be read, with the reason."""
     stages: tuple[str, ...] = ()
     """The stages the version held when it was read (registry state, not a file)."""
+    wrapped_key: bytes | None = None
+    """An encrypted version's wrapped data key (``model.dek``), as stored."""
 
     @property
     def ref(self) -> str:
@@ -70,9 +88,43 @@ def listed_files(meta_bytes: bytes) -> list[str]:
     return sorted(files) if isinstance(files, dict) else []
 
 
-def verify_bytes(vb: VersionBytes) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Check meta.json's digest and every listed file's digest, then parse the weights:
-    ``(meta, tensors)``. Raises :class:`IntegrityError` naming the file at fault."""
+def meta_digest(meta: dict) -> str:
+    """sha256 of ``meta`` without the keys set after sealing: what the sealed weights authenticate."""
+    signed = {k: v for k, v in meta.items() if k not in _UNSIGNED_META}
+    return hashlib.sha256(json.dumps(signed, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def key_file(meta_bytes: bytes) -> str | None:
+    """An encrypted version's wrapped-key file name, else None."""
+    try:
+        enc = json.loads(meta_bytes).get("encryption")
+    except (ValueError, AttributeError):
+        return None
+    return DEK_FILE if isinstance(enc, dict) else None
+
+
+def weights_file(meta: dict) -> str:
+    """The weights file of a version: sealed when it is encrypted."""
+    return ENC_WEIGHTS_FILE if isinstance(meta.get("encryption"), dict) else WEIGHTS_FILE
+
+
+def _decrypt(vb: VersionBytes, meta: dict, data: bytes, keyring: Keyring | None) -> bytes:
+    enc, path = meta["encryption"], Path(vb.path)
+    if enc.get("scheme") != ENCRYPTION_SCHEME or not isinstance(enc.get("artifact"), str):
+        raise _integrity(f"{META_FILE} of {vb.ref}: unknown encryption scheme {enc.get('scheme')!r}", path / META_FILE)
+    if vb.wrapped_key is None:
+        raise _integrity(f"{DEK_FILE} of {vb.ref} (its wrapped data key) is missing or unreadable", path / DEK_FILE)
+    expect = {"kind": "dynray-model-weights/1", "model": meta.get("name"), "artifact": enc["artifact"], "meta_sha256": meta_digest(meta)}
+    plaintext, _ = open_sealed(Sealed(data, vb.wrapped_key), keyring if keyring is not None else Keyring.from_env(), what=f"{ENC_WEIGHTS_FILE} of {vb.ref}",
+                               expect_metadata=expect)
+    return plaintext
+
+
+def verify_bytes(vb: VersionBytes, keyring: Keyring | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Check meta.json's digest and every listed file's digest, decrypt sealed weights
+    (with ``keyring``, default: this process's master key), then parse the weights:
+    ``(meta, tensors)``. Raises :class:`IntegrityError` (:class:`CryptoError` for
+    encryption) naming the file at fault."""
     path, ref = Path(vb.path), vb.ref
     actual = sha256_bytes(vb.meta_bytes)
     if actual != vb.digest:
@@ -82,8 +134,9 @@ def verify_bytes(vb: VersionBytes) -> tuple[dict, dict[str, torch.Tensor]]:
     except ValueError as e:
         raise _integrity(f"{META_FILE} of {ref} is not valid JSON ({e})", path / META_FILE) from e
     files = meta.get("files") if isinstance(meta, dict) else None
-    if not isinstance(files, dict) or meta.get("format") != FORMAT or WEIGHTS_FILE not in files:
-        raise _integrity(f"{META_FILE} of {ref} is not {FORMAT} with {WEIGHTS_FILE} in files", path / META_FILE)
+    wfile = weights_file(meta) if isinstance(meta, dict) else WEIGHTS_FILE
+    if not isinstance(files, dict) or meta.get("format") != FORMAT or wfile not in files:
+        raise _integrity(f"{META_FILE} of {ref} is not {FORMAT} with {wfile} in files", path / META_FILE)
     tensors: dict[str, torch.Tensor] = {}
     for fname, expected in sorted(files.items()):
         if Path(fname).name != fname:
@@ -94,7 +147,9 @@ def verify_bytes(vb: VersionBytes) -> tuple[dict, dict[str, torch.Tensor]]:
         actual = sha256_bytes(data)
         if actual != expected:
             raise _digest_error(f"{fname} of {ref}", path / fname, str(expected), actual)
-        if fname == WEIGHTS_FILE:
+        if fname == wfile:
+            if wfile == ENC_WEIGHTS_FILE:
+                data = _decrypt(vb, meta, data, keyring)
             try:
                 tensors = st_load(data)
             except Exception as e:  # noqa: BLE001 - safetensors raises several types

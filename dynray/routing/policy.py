@@ -15,6 +15,7 @@ from torch import nn
 
 from dynray.errors import ConfigError, IntegrityError, RegistryError
 from dynray.registry import ModelInfo, ModelRegistry, RegistryReader
+from dynray.registry_bytes import weights_file
 
 __all__ = ["PolicyNet", "StoredPolicy", "router_name", "save_policy", "load_policy", "find_policy"]
 
@@ -63,7 +64,7 @@ def router_name(model_name: str) -> str:
 
 def save_policy(registry: ModelRegistry, model: ModelInfo, policy: PolicyNet, meta: dict) -> ModelInfo:
     """Register ``policy`` as the next version of ``<model>-router``, tied to ``model``."""
-    full = {**meta, "kind": KIND, "attached_to": model.ref, "model_weights_sha256": model.meta.get("files", {}).get("model.safetensors"), "sizes": policy.sizes}
+    full = {**meta, "kind": KIND, "attached_to": model.ref, "model_weights_sha256": model.meta.get("files", {}).get(weights_file(model.meta)), "sizes": policy.sizes}
     return registry.register(router_name(model.name), {k: v.detach().clone() for k, v in policy.state_dict().items()}, full)
 
 
@@ -79,7 +80,7 @@ def load_policy(registry: RegistryReader, ref: str, model: ModelInfo) -> StoredP
     meta = loaded.info.meta
     if meta.get("kind") != KIND:
         raise RegistryError(f"{loaded.info.ref} is not a router policy", got=meta.get("kind"), fix="pass a ref made by `dynray router train`")
-    if meta.get("attached_to") != model.ref or meta.get("model_weights_sha256") != model.meta.get("files", {}).get("model.safetensors"):
+    if meta.get("attached_to") != model.ref or meta.get("model_weights_sha256") != model.meta.get("files", {}).get(weights_file(model.meta)):
         raise IntegrityError(f"router {loaded.info.ref} was trained for {meta.get('attached_to')}, not {model.ref}", got=loaded.info.ref,
                              fix=f"train one for this version: dynray router train --model {model.ref}")
     net = PolicyNet(meta["sizes"])
