@@ -57,12 +57,25 @@ def _actions(actions: dict[str, str]) -> Callable[[list[str], str], int]:
 def _models(args: list[str], prog: str) -> int:
     from dynray.registry import ModelRegistry
 
-    p = _parser(prog, "list, show or promote registered models")
-    p.add_argument("action", choices=["list", "show", "promote"])
+    p = _parser(prog, "list, show or promote registered models; make a master key (keygen) or re-wrap every encrypted version under a new one (rewrap)")
+    p.add_argument("action", choices=["list", "show", "promote", "keygen", "rewrap"])
     p.add_argument("ref", nargs="?", default=None, help="model ref (show, promote)")
     p.add_argument("stage", nargs="?", default=None, choices=["staging", "production"], help="stage (promote)")
+    p.add_argument("--out", default=None, help="keygen: write the new master key to this file (mode 0600, refused if it exists) instead of stdout")
+    p.add_argument("--new-key-file", default=None, help="rewrap: file holding the new master key; the current one comes from DYNRAY_MASTER_KEY or DYNRAY_MASTER_KEY_FILE")
     a = p.parse_args(args)
+    if a.action == "keygen":
+        return _keygen(a.out)
     reg = ModelRegistry()
+    if a.action == "rewrap":
+        from dynray.security.crypto import Keyring
+
+        if not a.new_key_file:
+            raise UsageError("rewrap needs the new master key", fix=f"{prog} keygen --out NEW; then {prog} rewrap --new-key-file NEW")
+        done = reg.rewrap(Keyring.read_file(a.new_key_file))
+        print(f"re-wrapped the data keys of {len(done)} encrypted versions under the new master key" + (f": {', '.join(done)}" if done else "")
+              + "; from now on set DYNRAY_MASTER_KEY_FILE to the new file on every node")
+        return 0
     if a.action == "list":
         infos = reg.list()
         if not infos:
@@ -77,6 +90,25 @@ def _models(args: list[str], prog: str) -> int:
         if not a.ref or not a.stage:
             raise UsageError("promote needs a model and a stage", got=(a.ref, a.stage), fix=f"{prog} promote NAME:vN production")
         print(f"{reg.promote(a.ref, a.stage).ref} is now {a.stage}")
+    return 0
+
+
+def _keygen(out: str | None) -> int:
+    import os
+
+    from dynray.security.crypto import generate_master_key
+
+    key = generate_master_key()
+    if out is None:
+        print(key)
+        return 0
+    try:  # O_EXCL: never overwrite a key that may still be needed
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise UsageError("the key file exists", got=out, fix="pick a new path; an old key may still be needed to open artifacts") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    print(f"wrote a new master key to {out} (mode 0600); keep it outside DYNRAY_HOME and set DYNRAY_MASTER_KEY_FILE={os.path.abspath(out)}")
     return 0
 
 
@@ -178,7 +210,7 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("measure a section (core, serve, router, moe, nas, cluster) into the bench JSON", _job("bench")),
     "router": Command("train the PPO router of a model (train), or cache its exit outputs (cache)", _actions({"train": "train_router", "cache": "router_cache"})),
     "nas": Command("neural architecture search with Ray Tune (run)", _actions({"run": "nas"})),
-    "models": Command("list, show or promote registered models", _models),
+    "models": Command("list, show or promote registered models; keygen or rewrap the master key of encrypted ones", _models),
     "serve": Command("start (up), inspect (status), roll versions (roll) or stop (down) the Serve app", _job("deploy")),
     "cluster": Command("start (up --local), inspect (status) or stop (down) a local autoscaling cluster with edge and cloud node types", _job("cluster")),
     "submit": Command("submit a job step to a Ray cluster (dynray submit STEP --address URL -- ARGS)", _submit),

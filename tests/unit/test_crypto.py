@@ -156,3 +156,20 @@ def test_registry_rewrap_under_new_master_key(tmp_path, k1):
     assert torch.equal(_reg(tmp_path, k2).load("net").tensors["w"], torch.ones(4))
     with pytest.raises(CryptoError, match="another master key"):
         _reg(tmp_path, k1).load("net")
+
+
+def test_cli_keygen_and_rewrap(tmp_path, monkeypatch, capsys):
+    from dynray.cli import main
+
+    k1, k2 = tmp_path / "k1", tmp_path / "k2"
+    assert main(["models", "keygen", "--out", str(k1)]) == 0 and main(["models", "keygen", "--out", str(k2)]) == 0
+    assert k1.stat().st_mode & 0o077 == 0
+    assert main(["models", "keygen", "--out", str(k1)]) == 2  # never overwrites a key
+    monkeypatch.setenv("DYNRAY_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DYNRAY_MASTER_KEY_FILE", str(k1))
+    ModelRegistry().register("net", {"w": torch.ones(2)}, {})
+    assert main(["models", "rewrap", "--new-key-file", str(k2)]) == 0
+    assert "net:v1" in capsys.readouterr().out
+    assert main(["models", "show", "net:v1"]) == 2  # k1 no longer opens it
+    monkeypatch.setenv("DYNRAY_MASTER_KEY_FILE", str(k2))
+    assert main(["models", "show", "net:v1"]) == 0
