@@ -112,6 +112,45 @@ def _keygen(out: str | None) -> int:
     return 0
 
 
+# -- keys -------------------------------------------------------------------------------
+
+def _keys(args: list[str], prog: str) -> int:
+    import time
+
+    from dynray.registry import default_home
+    from dynray.security.keys import SCOPES, KeyStore, load_pepper
+
+    p = _parser(prog, "API keys of the ingress, stored hashed in $DYNRAY_HOME/keys.db; a new key is printed once")
+    p.add_argument("action", choices=["create", "list", "revoke", "rotate"])
+    p.add_argument("id", nargs="?", default=None, help="key id (revoke, rotate), as `list` shows it")
+    p.add_argument("--name", default=None, help="create: who the key is for")
+    p.add_argument("--scope", action="append", choices=SCOPES, default=None, help="create: a scope; repeat for more (default: predict)")
+    p.add_argument("--rate", type=float, default=50.0, help="create: requests per second the key may make, over every ingress replica (default 50)")
+    p.add_argument("--burst", type=float, default=None, help="create: requests the key may make at once (default: the rate)")
+    p.add_argument("--ttl-days", type=float, default=None, help="create: days until the key expires (default: never)")
+    p.add_argument("--grace-s", type=float, default=3600.0, help="rotate: seconds the old key keeps working (default 3600)")
+    a = p.parse_args(args)
+    store = KeyStore(default_home() / "keys.db", load_pepper())
+    if a.action in ("revoke", "rotate") and not a.id:
+        raise UsageError(f"{a.action} needs a key id", fix=f"{prog} list, then {prog} {a.action} ID")
+    if a.action == "create":
+        if not a.name:
+            raise UsageError("create needs --name", fix=f"{prog} create --name my-client [--scope predict] [--rate 50]")
+        key, rec = store.create(a.name, scopes=a.scope or ["predict"], rate_per_s=a.rate, burst=a.burst, ttl_s=a.ttl_days * 86400 if a.ttl_days else None)
+        print(f"created key {rec.id} ({rec.name}, scopes {','.join(rec.scopes)}, {rec.rate_per_s:g}/s); it is shown only now:\n{key}")
+    elif a.action == "list":
+        now = time.time()
+        for r in store.list():
+            exp = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r.expires)) if r.expires else "never"
+            print(f"{r.id}  {r.name:<20} {','.join(r.scopes):<14} {r.rate_per_s:>7g}/s  {r.state(now):<8} expires {exp}" + (f"  replaced by {r.replaced_by}" if r.replaced_by else ""))
+    elif a.action == "revoke":
+        print(f"revoked {store.revoke(a.id).id}")
+    else:
+        key, rec = store.rotate(a.id, grace_s=a.grace_s)
+        print(f"rotated {a.id} -> {rec.id}; the old key works for {a.grace_s:g} s more. The new key is shown only now:\n{key}")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are UsageErrors (one line, exit 2) instead of a usage dump."""
 
@@ -213,6 +252,7 @@ COMMANDS: dict[str, Command] = {
     "models": Command("list, show or promote registered models; keygen or rewrap the master key of encrypted ones", _models),
     "serve": Command("start (up), inspect (status), roll versions (roll) or stop (down) the Serve app", _job("deploy")),
     "cluster": Command("start (up --local), inspect (status) or stop (down) a local autoscaling cluster with edge and cloud node types", _job("cluster")),
+    "keys": Command("create, list, revoke or rotate the ingress's API keys (stored hashed)", _keys),
     "submit": Command("submit a job step to a Ray cluster (dynray submit STEP --address URL -- ARGS)", _submit),
 }
 
