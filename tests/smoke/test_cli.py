@@ -207,7 +207,7 @@ def test_tampered_checkpoint_is_refused(demo, env, tmp_path, clean_env):
 
 JOBS = sorted(p.stem for p in (ROOT / "jobs").glob("*.py") if not p.stem.startswith("_") and "\ndef main(" in p.read_text())  # jobs, not driver libraries
 HELP = [[], ["demo"], ["train"], ["finetune"], ["calibrate"], ["bench"], *[["bench", s] for s in ("core", "serve", "router", "moe", "nas")],
-        ["router", "train"], ["router", "cache"], ["router"], ["nas", "run"], ["models"], ["serve"], ["submit"]]
+        ["router", "train"], ["router", "cache"], ["router"], ["nas", "run"], ["models"], ["keys"], ["serve"], ["submit"]]
 
 
 def test_every_job_module_runs_as_python_m_with_help(env):
