@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import save as st_save
-from safetensors.torch import save_file as st_save_file
 
 from dynray.errors import IntegrityError, RegistryError, UnknownNameError
 from dynray.fileio import fsync_path as _fsync_path
@@ -40,9 +38,9 @@ from dynray.fileio import git_commit as _git_commit
 from dynray.fileio import sha256_bytes as _sha256
 from dynray.fileio import sha256_file as _sha256_file
 from dynray.fileio import write_durable as _write_durable
-from dynray.registry_bytes import (DEK_FILE, ENC_WEIGHTS_FILE, ENCRYPTION_SCHEME, FORMAT, INTEGRITY_FIX, META_DIGEST_FILE, META_FILE, WEIGHTS_FILE, VersionBytes,
-                                   key_file, listed_files, meta_digest, verify_bytes)
-from dynray.security.crypto import Keyring, MasterKey, Sealed, rewrap, seal
+from dynray.registry_bytes import (DEK_FILE, ENCRYPTION_SCHEME, FORMAT, INTEGRITY_FIX, META_DIGEST_FILE, META_FILE, VersionBytes, key_file, listed_files,
+                                   rewrap_dir, verify_bytes, write_weights)
+from dynray.security.crypto import Keyring, MasterKey
 
 __all__ = ["ModelRegistry", "RegistryReader", "ModelInfo", "LoadedModel", "STAGES", "default_home"]
 
@@ -183,21 +181,7 @@ class ModelRegistry:
             tmp.mkdir()
         try:
             weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-            try:
-                if master is None:
-                    st_save_file(weights, str(tmp / WEIGHTS_FILE))
-                else:
-                    plaintext = st_save(weights)
-            except Exception as e:  # noqa: BLE001 - safetensors raises several types
-                raise RegistryError("cannot save tensors as safetensors", got=str(e),
-                                    fix="pass dense tensors (no sparse or quantized layouts)") from e
-            if master is None:
-                _fsync_path(tmp / WEIGHTS_FILE)
-            else:  # the plaintext weights never reach the disk
-                sealed = seal(plaintext, {"kind": "dynray-model-weights/1", "model": name, "artifact": extra["encryption"]["artifact"],
-                                          "meta_sha256": meta_digest(full)}, master)
-                _write_durable(tmp / ENC_WEIGHTS_FILE, sealed.data)
-                _write_durable(tmp / DEK_FILE, sealed.wrapped)
+            write_weights(tmp, weights, full, master)
             full["files"] = {p.name: _sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != DEK_FILE}
             with self._lock():
                 version = self._next_version(name_dir)
@@ -253,14 +237,8 @@ class ModelRegistry:
                 path = self.models_dir / v_name / f"v{version}"
                 if not (path / DEK_FILE).is_file():
                     continue
-                ref = f"{v_name}:v{version}"
-                old = Sealed((path / ENC_WEIGHTS_FILE).read_bytes(), (path / DEK_FILE).read_bytes())
-                fresh = rewrap(old, self.keyring, new, what=f"{ENC_WEIGHTS_FILE} of {ref}")
-                tmp = path / f".dek-{uuid.uuid4().hex}.tmp"
-                _write_durable(tmp, fresh.wrapped)
-                os.replace(tmp, path / DEK_FILE)
-                _fsync_path(path)
-                done.append(ref)
+                rewrap_dir(path, f"{v_name}:v{version}", self.keyring, new)
+                done.append(f"{v_name}:v{version}")
         return done
 
     # ----------------------------------------------------------------------------- reading

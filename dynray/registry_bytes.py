@@ -21,18 +21,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
-from dynray.errors import IntegrityError
-from dynray.fileio import sha256_bytes
-from dynray.security.crypto import Keyring, Sealed, open_sealed
+from dynray.errors import IntegrityError, RegistryError
+from dynray.fileio import fsync_path, sha256_bytes, write_durable
+from dynray.security.crypto import Keyring, MasterKey, Sealed, open_sealed, rewrap, seal
 
 __all__ = ["VersionBytes", "verify_bytes", "listed_files", "key_file", "weights_file", "meta_digest", "FORMAT", "WEIGHTS_FILE", "ENC_WEIGHTS_FILE",
-           "DEK_FILE", "ENCRYPTION_SCHEME", "META_FILE", "META_DIGEST_FILE", "INTEGRITY_FIX"]
+           "DEK_FILE", "ENCRYPTION_SCHEME", "write_weights", "rewrap_dir", "META_FILE", "META_DIGEST_FILE", "INTEGRITY_FIX"]
 
 FORMAT = "dynray-model/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -155,3 +158,28 @@ def verify_bytes(vb: VersionBytes, keyring: Keyring | None = None) -> tuple[dict
             except Exception as e:  # noqa: BLE001 - safetensors raises several types
                 raise _integrity(f"{fname} of {ref} does not parse as safetensors ({e})", path / fname) from e
     return meta, tensors
+
+
+def write_weights(vdir: Path, tensors: dict[str, torch.Tensor], meta: dict, master: MasterKey | None) -> None:
+    """Write a new version's weights into ``vdir``: plain safetensors, or (with ``master``)
+    sealed, with its wrapped data key: the plaintext never reaches the disk then.
+    ``meta``: the version's meta as it will be signed (``meta["encryption"]`` set when sealing)."""
+    try:
+        plaintext = st_save(tensors)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise RegistryError("cannot save tensors as safetensors", got=str(e), fix="pass dense tensors (no sparse or quantized layouts)") from e
+    if master is None:
+        write_durable(vdir / WEIGHTS_FILE, plaintext)
+        return
+    sealed = seal(plaintext, {"kind": "dynray-model-weights/1", "model": meta["name"], "artifact": meta["encryption"]["artifact"], "meta_sha256": meta_digest(meta)}, master)
+    write_durable(vdir / ENC_WEIGHTS_FILE, sealed.data)
+    write_durable(vdir / DEK_FILE, sealed.wrapped)
+
+
+def rewrap_dir(vdir: Path, ref: str, keyring: Keyring, new: MasterKey) -> None:
+    """Replace the wrapped data key of the encrypted version in ``vdir`` by one under ``new`` (atomically)."""
+    fresh = rewrap(Sealed((vdir / ENC_WEIGHTS_FILE).read_bytes(), (vdir / DEK_FILE).read_bytes()), keyring, new, what=f"{ENC_WEIGHTS_FILE} of {ref}")
+    tmp = vdir / f".dek-{uuid.uuid4().hex}.tmp"
+    write_durable(tmp, fresh.wrapped)
+    os.replace(tmp, vdir / DEK_FILE)
+    fsync_path(vdir)
