@@ -93,7 +93,8 @@ def listed_files(meta_bytes: bytes) -> list[str]:
 
 def meta_digest(meta: dict) -> str:
     """sha256 of ``meta`` without the keys set after sealing: what the sealed weights authenticate."""
-    signed = {k: v for k, v in meta.items() if k not in _UNSIGNED_META}
+    # as meta.json will read back: tuples become lists, int keys strings (mixed keys then sort)
+    signed = json.loads(json.dumps({k: v for k, v in meta.items() if k not in _UNSIGNED_META}))
     return hashlib.sha256(json.dumps(signed, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

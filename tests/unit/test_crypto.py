@@ -173,3 +173,9 @@ def test_cli_keygen_and_rewrap(tmp_path, monkeypatch, capsys):
     assert main(["models", "show", "net:v1"]) == 2  # k1 no longer opens it
     monkeypatch.setenv("DYNRAY_MASTER_KEY_FILE", str(k2))
     assert main(["models", "show", "net:v1"]) == 0
+
+
+def test_registry_encrypted_meta_survives_json_round_trip(tmp_path, k1):
+    meta = {"sizes": (3, 4), "exit_fractions": {0: 0.5, "1": 0.25}, "lr": 0.1, "nested": {"t": (0.9, 0.8)}}
+    _reg(tmp_path, k1).register("net", {"w": torch.ones(2)}, meta)
+    assert _reg(tmp_path, k1).load("net").info.meta["sizes"] == [3, 4]
