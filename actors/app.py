@@ -25,11 +25,15 @@ from starlette.requests import ClientDisconnect
 
 from actors.device import Device
 from actors.expert import ExpertHost
+from actors.keystore import KEYSTORE_ACTOR
+from actors.keystore import NAMESPACE as KEYS_NAMESPACE
+from actors.ratelimiter import RATELIMITER_ACTOR
 from actors.registry import registry_for
 from actors.routing_state import RoutingState
-from dynray.errors import RequestError
+from dynray.errors import RequestError, ServingError
 from dynray.registry import default_home
 from dynray.serving import metrics as M
+from dynray.serving.auth import Gate
 from dynray.serving.config import CLOUD, EDGE, INGRESS, NOOP, ROUTING_STATE, AppArgs, IngressUserConfig, TierArgs, expert_name
 from dynray.serving.failover import DeviceCall
 from dynray.serving.ingress import REQUEST_ID_HEADER, IngressCore, Reply, build_plan
@@ -107,6 +111,28 @@ async def _chunks(request: Request):
         raise RequestError("client disconnected before the body was complete", status=400, fix="send the whole body") from None
 
 
+def _gate(args: AppArgs) -> Gate | None:
+    """The ingress's key and rate checks through the key-store and limiter actors (None: auth off)."""
+    if not args.auth.enabled:
+        return None
+    import ray
+
+    try:
+        keys = ray.get_actor(KEYSTORE_ACTOR, namespace=KEYS_NAMESPACE)
+        limiter = ray.get_actor(RATELIMITER_ACTOR, namespace=KEYS_NAMESPACE)
+    except ValueError:
+        raise ServingError("auth is on but the key-store or rate-limiter actor is not running", got=[KEYSTORE_ACTOR, RATELIMITER_ACTOR],
+                           fix="deploy with `dynray serve up` (it starts both), or set auth: {enabled: false} for a trusted network") from None
+
+    async def verify(key: str):
+        return await keys.verify.remote(key)
+
+    async def take(kid: str, rate: float, burst: float):
+        return await limiter.take.remote(kid, rate, burst)
+
+    return Gate(verify, take, ttl_s=args.auth.cache_ttl_s, timeout_s=args.auth.timeout_ms / 1000)
+
+
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
@@ -126,7 +152,7 @@ class Ingress:
         self._edge_coalesced.set_batch_wait_timeout_s(self.args.ingress.coalesce_wait_ms / 1000)
         self.policy = get_policy(self.args.scheduling.policy)
         self.replica = _replica_id()
-        self.core = IngressCore(self.args, _ServeMetrics(), tiers=tuple(t for t, h in self.handles.items() if h is not None))
+        self.core = IngressCore(self.args, _ServeMetrics(), tiers=tuple(t for t, h in self.handles.items() if h is not None), gate=_gate(self.args))
         self._status_cache: tuple[float, dict] = (0.0, {})
         self._state = state
         # Serve runs the constructor on the replica's event loop; the sync never blocks a request
@@ -193,7 +219,7 @@ class Ingress:
     @api.post(
         "/v1/predict",
         response_model=PredictResponse,
-        responses={s: {"model": ErrorResponse} for s in (400, 413, 415, 422, 500, 503)},
+        responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 413, 415, 422, 429, 500, 503)},
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}},
     )
     async def predict(self, request: Request) -> JSONResponse:
@@ -220,7 +246,11 @@ class Ingress:
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
-        return _respond(self.core.models(request.headers))
+        return _respond(await self.core.models(request.headers))
+
+    @api.get("/v1/admin/security")
+    async def security(self, request: Request) -> JSONResponse:
+        return _respond(await self.core.security(request.headers))
 
 
 @serve.deployment(name=NOOP, max_ongoing_requests=64, graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=1)

@@ -27,10 +27,12 @@ class RateLimiter:
 
 
 def start_ratelimiter(*, name: str = RATELIMITER_ACTOR, node_id: str | None = None):
-    """The named limiter (started on ``node_id``, default this node, if it is not running)."""
+    """The named limiter (started on ``node_id``, default the head, if it is not running)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    node = node_id or ray.get_runtime_context().get_node_id()
+    from actors.keystore import head_node_id
+
+    node = node_id or head_node_id()
     return (
         ray.remote(RateLimiter)
         .options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0, max_restarts=-1, max_concurrency=1000,

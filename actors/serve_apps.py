@@ -23,6 +23,8 @@ import yaml
 from ray.serve._private import api as _serve_api  # the same entry points `serve run CONFIG` uses
 from ray.serve.schema import ServeDeploySchema
 
+from actors.keystore import start_keystore
+from actors.ratelimiter import start_ratelimiter
 from actors.registry import REGISTRY_ACTOR, start_registry
 from dynray.cluster_spec import KV_NAMESPACE, SPEC_KEY, ClusterSpec, NodeType
 from dynray.errors import ConfigError, ServingError
@@ -153,6 +155,9 @@ def deploy(config: dict, *, timeout_s: float = 120.0, check: bool = True) -> Non
         args = AppArgs.model_validate(app.get("args", {}))
         if args.registry:  # replicas read models through it: it must run before they start
             start_registry(args.home)
+        if args.auth.enabled and args.system != "noop":  # the ingress replicas look both up when they start
+            start_keystore(args.home)
+            start_ratelimiter()
     client = _client(schema.http_options.model_dump() if "http_options" in config else None)
     client.deploy_apps(schema)
     wait_running([a["name"] for a in config["applications"]], timeout_s=timeout_s)

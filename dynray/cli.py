@@ -117,8 +117,7 @@ def _keygen(out: str | None) -> int:
 def _keys(args: list[str], prog: str) -> int:
     import time
 
-    from dynray.registry import default_home
-    from dynray.security.keys import SCOPES, KeyStore, load_pepper
+    from dynray.security.keys import SCOPES, KeyStore
 
     p = _parser(prog, "API keys of the ingress, stored hashed in $DYNRAY_HOME/keys.db; a new key is printed once")
     p.add_argument("action", choices=["create", "list", "revoke", "rotate"])
@@ -130,7 +129,7 @@ def _keys(args: list[str], prog: str) -> int:
     p.add_argument("--ttl-days", type=float, default=None, help="create: days until the key expires (default: never)")
     p.add_argument("--grace-s", type=float, default=3600.0, help="rotate: seconds the old key keeps working (default 3600)")
     a = p.parse_args(args)
-    store = KeyStore(default_home() / "keys.db", load_pepper())
+    store = KeyStore.at_home()
     if a.action in ("revoke", "rotate") and not a.id:
         raise UsageError(f"{a.action} needs a key id", fix=f"{prog} list, then {prog} {a.action} ID")
     if a.action == "create":

@@ -37,8 +37,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,8 @@ class BurstConfig:
     wait_nodes_down: bool = True
     """After the burst, wait until the extra edge node has left (the idle timeout)."""
     idle_timeout_s: float = 30.0
+    api_key: str | None = field(default=None, repr=False)
+    """API key the burst sends (the ingress asks for one unless auth is off)."""
 
 
 FAST_AUTOSCALE = {"upscale_delay_s": 0.5, "downscale_delay_s": 3.0, "look_back_period_s": 2.0, "metrics_interval_s": 0.5}
@@ -233,7 +236,7 @@ def burst_autoscale(cfg: BurstConfig, serve_cfg: dict, images: np.ndarray, sampl
 
     def load() -> None:
         while not stop.is_set():  # closed loop at fixed concurrency until told to stop
-            results.append(run_load_sync(LoadConfig(url=cfg.url, requests=4 * cfg.concurrency, concurrency=cfg.concurrency, timeout_s=30), lambda i: bodies[i % len(bodies)]))
+            results.append(run_load_sync(LoadConfig(url=cfg.url, requests=4 * cfg.concurrency, concurrency=cfg.concurrency, timeout_s=30, api_key=cfg.api_key), lambda i: bodies[i % len(bodies)]))
 
     driver = threading.Thread(target=load, daemon=True)
     start = sampler.now()
@@ -255,7 +258,8 @@ def burst_autoscale(cfg: BurstConfig, serve_cfg: dict, images: np.ndarray, sampl
             log.warning("%s", e.what)
     summary = autoscale_summary(sampler.samples, deployment=EDGE, node_type=EDGE_TYPE, burst_start=start, burst_end=end, replicas_min=1, replicas_max=cfg.replicas_max)
     return {**summary, "target_ongoing_requests": cfg.target_ongoing_requests, "concurrency": cfg.concurrency, "settle_s": settle_s,
-            "burst_requests": sum(len(r.records) for r in results), "burst_errors": sum(r.errors for r in results)}
+            "burst_requests": sum(len(r.records) for r in results), "burst_errors": sum(r.errors for r in results),
+            "burst_status": {str(k): v for k, v in sorted(sum((Counter(r.status_counts()) for r in results), Counter()).items())}}
 
 
 # ------------------------------------------------------------------------------------ the driver
@@ -332,8 +336,9 @@ def run(cfg: Config) -> BenchResult:
             section["scale_up_s"] = first_time(sampler.samples, lambda s: count(s, "nodes", EDGE_TYPE) >= 2, after=ph["start"])
             served = json.loads((home / "serve.json").read_text())
             url = served["url"] + "/v1/predict"
+            key = _cli(["keys", "create", "--name", "bench-cluster", "--rate", "100000"], env, timeout_s=120).stdout.strip().splitlines()[-1]  # auth is on
 
-            chaos = ChaosConfig(url=url, requests=cfg.chaos_requests, concurrency=cfg.chaos_concurrency, kill_after_s=1.0, recovery_timeout_s=90, retries=1)
+            chaos = ChaosConfig(url=url, requests=cfg.chaos_requests, concurrency=cfg.chaos_concurrency, kill_after_s=1.0, recovery_timeout_s=90, retries=1, api_key=key)
             with sampler.phase("node kill"):
                 res, node = kill_node_under_load(chaos, images, address=state["address"])
             section["node_kill"] = {**res.to_dict(), "node": asdict(node)}
@@ -343,7 +348,7 @@ def run(cfg: Config) -> BenchResult:
             log.info("ingress kill: %s", section["ingress_kill"])
 
             with sampler.phase("serve autoscale"):
-                burst = BurstConfig(url=url, replicas_max=cfg.burst_replicas, concurrency=cfg.burst_concurrency, timeout_s=cfg.burst_timeout_s, idle_timeout_s=idle)
+                burst = BurstConfig(url=url, replicas_max=cfg.burst_replicas, concurrency=cfg.burst_concurrency, timeout_s=cfg.burst_timeout_s, idle_timeout_s=idle, api_key=key)
                 section["serve_autoscale"] = burst_autoscale(burst, served["config"], images, sampler)
             log.info("serve autoscale: %s", section["serve_autoscale"])
 

@@ -6,7 +6,10 @@ Each system is deployed on its own (same replicas, same simulated profiles from
 uint8 because JSON-parsing 784 floats costs more than the model), measured, and removed.
 A chaos run then kills one edge replica and the cloud replica under load, and an
 autoscaling run lets the edge tier grow from one replica. Measuring and summarising is
-:mod:`dynray.bench.serve`; this job is the driver that needs a live cluster.
+:mod:`dynray.bench.serve`; this job is the driver that needs a live cluster. The systems
+run with API keys off (``auth: {enabled: false}``), as the serving numbers were first
+measured; what the key check and the global rate limit add per request is measured by
+``dynray bench security``.
 
     python -m jobs.bench_serve --dataset mnist-5k --json out/bench.json
     dynray bench serve --json out/bench.json
@@ -63,13 +66,16 @@ class Config(BenchTarget):
     """Serve config to take args and profiles from (default: cluster/serve.yaml)."""
 
 
-def system_config(base: dict, system: str, ref: str, home: str, port: int, *, router: str | None = None) -> dict:
-    """One-app config for ``system``; replicas pinned (min = max) so every system gets the same."""
+def system_config(base: dict, system: str, ref: str, home: str, port: int, *, router: str | None = None, auth: bool | None = None) -> dict:
+    """One-app config for ``system``; replicas pinned (min = max) so every system gets the same.
+    ``auth``: API keys on or off (None: as ``base`` says)."""
     cfg = copy.deepcopy(base)
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
     app = cfg["applications"][0]
     args = app["args"]
     args.update(system=system, home=home, models=[ref])
+    if auth is not None:
+        args["auth"] = {**args.get("auth", {}), "enabled": auth}
     if router is not None:
         args["router"] = {**args.get("router", {}), "kind": router}
     for tier in ("edge", "cloud"):
@@ -104,7 +110,7 @@ def _autoscale(base: dict, ref: str, home: str, port: int, images: np.ndarray, c
     the target is per call, hence 1."""
     from actors.serve_apps import app_status, deploy
 
-    app_cfg = system_config(base, "dynray", ref, home, port)
+    app_cfg = system_config(base, "dynray", ref, home, port, auth=False)
     args = app_cfg["applications"][0]["args"]
     args["edge"] = {**args["edge"], "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1}
     deploy(app_cfg, timeout_s=180)
@@ -149,7 +155,7 @@ def run(cfg: Config) -> BenchResult:
     systems: dict[str, dict] = {}
     try:
         for system in cfg.systems:
-            app_cfg = system_config(base, system, info.ref, str(reg.home.resolve()), port)
+            app_cfg = system_config(base, system, info.ref, str(reg.home.resolve()), port, auth=False)
             log.info("deploying %s …", system)
             D.deploy(app_cfg, timeout_s=180)
             url = f"http://127.0.0.1:{port}/{system}/v1/predict"

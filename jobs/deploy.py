@@ -1,7 +1,7 @@
 """Start, inspect, roll and stop the dynray Serve app (``dynray serve …``).
 
     python -m jobs.deploy up [--address ADDR] [--config cluster/serve.yaml] [--model REF …] [--weights W …] [--port P]
-    python -m jobs.deploy status
+    python -m jobs.deploy status            # DYNRAY_API_KEY=<key> adds what /v1/models answers
     python -m jobs.deploy roll --model REF [--model REF2 --weights 0.9 0.1]
     python -m jobs.deploy down
 
@@ -238,7 +238,11 @@ def status(cfg: Config) -> StatusResult:
     if state.get("url"):
         try:
             out["health"] = requests.get(f"{state['url']}/v1/health", timeout=5).json()
-            out["models"] = requests.get(f"{state['url']}/v1/models", timeout=5).json()
+            key = os.environ.get("DYNRAY_API_KEY")
+            r = requests.get(f"{state['url']}/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=5)
+            out["models"] = r.json()
+            if r.status_code == 401 and not key:
+                out["models"] = {"error": "GET /v1/models needs an API key: set DYNRAY_API_KEY (make one with `dynray keys create --name NAME`)"}
         except (requests.RequestException, ValueError) as e:
             out["health"] = {"error": str(e)}
     return StatusResult(body=out)

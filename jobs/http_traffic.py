@@ -3,13 +3,16 @@
     python -m jobs.http_traffic [--model REF] [--dataset D] [--split test] [--concurrency 8] [--router hybrid] [--limit N]
 
 The last step of the demo: every image of the split goes through the real HTTP API
-(``array_b64`` uint8, one image per request) with a closed-loop async client; the summary
+(``array_b64`` uint8, one image per request) with a closed-loop async client. Auth is on
+(``cluster/serve.yaml``), so the job creates an API key for the run, sends it as any
+client would (``Authorization: Bearer``) and revokes it at the end; the summary
 gives accuracy, the exit mix, the share escalated to the cloud tier and the latency
 percentiles (measured by :mod:`dynray.bench.serve`).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -20,11 +23,15 @@ from dynray.data import load_dataset
 from dynray.errors import ConfigError
 from dynray.flags import guarded, parse, setup_logging
 from dynray.registry import ModelRegistry
+from dynray.security.keys import KeyStore
+from dynray.serving.config import AppArgs
 from dynray.serving.payload import encode_array
 from jobs._ray import connect, free_port
 from jobs.bench_serve import system_config
 
 __all__ = ["Config", "Result", "run", "main"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,10 +70,13 @@ class Result:
     """dynray.bench.serve.summarise of the run: accuracy, cost, escalations, latency."""
     exit_mix: dict[int, float]
     status: dict[str, int]
+    key_id: str | None = None
+    """The API key the run created, used and revoked (None: the app had auth off)."""
 
     def summary(self) -> str:
         s, mix = self.stats, ", ".join(f"exit {k}: {v:.1%}" for k, v in self.exit_mix.items())
-        return (f"{self.answered}/{self.requests} answered over HTTP by router {self.router}, accuracy {s.get('accuracy', float('nan')):.4f}; {mix}\n"
+        auth = f" with API key {self.key_id} (made for the run, revoked after it)" if self.key_id else " (auth off)"
+        return (f"{self.answered}/{self.requests} answered over HTTP{auth} by router {self.router}, accuracy {s.get('accuracy', float('nan')):.4f}; {mix}\n"
                 f"escalated to the cloud tier {s.get('escalated_frac', float('nan')):.1%}, degraded {s.get('degraded', 0)}; "
                 f"latency p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms at concurrency {self.stats['concurrency']} ({s['rps']:.0f} req/s)")
 
@@ -81,17 +91,27 @@ def run(cfg: Config) -> Result:
     images, labels = wire_images(split)[:n], split.labels.numpy()[:n]
     connect(log_to_driver=False)
     port = free_port()
-    D.deploy(system_config(D.load_config(), "dynray", info.ref, str(reg.home), port, router=cfg.router), timeout_s=180)
+    app_cfg = system_config(D.load_config(), "dynray", info.ref, str(reg.home), port, router=cfg.router)
+    auth = AppArgs.model_validate(app_cfg["applications"][0]["args"]).auth.enabled
+    key, key_id = None, None
+    if auth:  # like any client: a key of its own, made for this run and revoked after it
+        store = KeyStore.at_home(reg.home)
+        key, rec = store.create("http-traffic", scopes=["predict"], rate_per_s=100_000, ttl_s=3600)
+        key_id = rec.id
+        log.info("created API key %s for this run (revoked when it ends)", key_id)
     try:
+        D.deploy(app_cfg, timeout_s=180)
         bodies = [encode_array(images[i : i + 1], dtype="uint8") for i in range(len(images))]
-        load = LoadConfig(url=f"http://127.0.0.1:{port}/dynray/v1/predict", requests=len(images), concurrency=cfg.concurrency, warmup=50)
+        load = LoadConfig(url=f"http://127.0.0.1:{port}/dynray/v1/predict", requests=len(images), concurrency=cfg.concurrency, warmup=50, api_key=key)
         res = run_load_sync(load, lambda i: bodies[i])
     finally:
         D.shutdown()
+        if key_id is not None:
+            store.revoke(key_id)
     ok = [r for r in res.records if r.ok]
     stats = {**summarise(res, labels, model=True), "concurrency": cfg.concurrency}
     return Result(model=info.ref, router=ok[0].body.get("router") if ok else None, split=f"{split.name}/{cfg.split}", requests=len(images),
-                  answered=len(ok), stats=stats, exit_mix=exit_mix(res), status={str(k): v for k, v in res.status_counts().items()})
+                  answered=len(ok), stats=stats, exit_mix=exit_mix(res), status={str(k): v for k, v in res.status_counts().items()}, key_id=key_id)
 
 
 def main(argv: list[str] | None = None, *, prog: str = "python -m jobs.http_traffic") -> int:

@@ -57,6 +57,8 @@ class ChaosConfig:
     """Longest wait for a killed replica's replacement to be RUNNING."""
     retries: int = 0
     """Client retry passes over the requests that did not get a 2xx (0: report first tries only)."""
+    api_key: str | None = field(default=None, repr=False)
+    """API key the load sends (the ingress asks for one unless auth is off)."""
 
     def __post_init__(self) -> None:
         if self.requests < 1 or self.concurrency < 1 or self.retries < 0:
@@ -151,7 +153,7 @@ def under_load(cfg: ChaosConfig, images: np.ndarray, kills: dict[str, Kill]) -> 
     if len(images) == 0:
         raise ConfigError("images is empty", fix="pass [N, C, H, W] test images, N >= 1")
     bodies = _payloads(images)
-    load = LoadConfig(url=cfg.url, requests=cfg.requests, concurrency=cfg.concurrency, timeout_s=cfg.timeout_s)
+    load = LoadConfig(url=cfg.url, requests=cfg.requests, concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, api_key=cfg.api_key)
     out: dict[str, LoadResult] = {}
     done_at: list[float] = []
 
@@ -180,7 +182,7 @@ def under_load(cfg: ChaosConfig, images: np.ndarray, kills: dict[str, Kill]) -> 
         if not again:
             break
         retried += len(again)
-        res = run_load_sync(LoadConfig(url=cfg.url, requests=len(again), concurrency=cfg.concurrency, timeout_s=cfg.timeout_s), lambda j: bodies[again[j] % len(bodies)])
+        res = run_load_sync(LoadConfig(url=cfg.url, requests=len(again), concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, api_key=cfg.api_key), lambda j: bodies[again[j] % len(bodies)])
         for r in res.records:
             final[again[r.index]] = r
     ok = [r for r in final.values() if r.ok]

@@ -14,7 +14,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import numpy as np
@@ -60,6 +60,8 @@ class LoadConfig:
     """Requests sent before the measured run and left out of the stats (>= 0)."""
     max_duration_s: float = 600.0
     """Whole-run safety limit, warmup included: on expiry stop issuing and cancel in-flight requests (status -1)."""
+    api_key: str | None = field(default=None, repr=False)
+    """Sent as ``Authorization: Bearer <key>`` (the ingress asks for one unless auth is off); never printed."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")):
@@ -156,6 +158,7 @@ async def _phase(session: aiohttp.ClientSession, cfg: LoadConfig, payload: Paylo
     todo = iter(indices)  # shared counter: a single-threaded event loop needs no lock
     in_flight: dict[int, float] = {}  # index -> perf_counter at send, for cancellation records
     timeout = aiohttp.ClientTimeout(total=cfg.timeout_s)
+    headers = {**_HEADERS, "Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else _HEADERS
 
     async def worker() -> None:
         for i in todo:
@@ -164,7 +167,7 @@ async def _phase(session: aiohttp.ClientSession, cfg: LoadConfig, payload: Paylo
             in_flight[i] = t0
             status, body, retry = STATUS_ERROR, None, None
             try:
-                async with session.post(cfg.url, data=data, headers=_HEADERS, timeout=timeout) as resp:
+                async with session.post(cfg.url, data=data, headers=headers, timeout=timeout) as resp:
                     raw = await resp.read()
                     status, retry = resp.status, resp.headers.get("Retry-After")
                     if resp.content_type == "application/json" or resp.content_type.endswith("+json"):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from dynray.errors import ConfigError, DynrayError
 
-__all__ = ["SCOPES", "KeyRecord", "Verified", "KeyStore", "KeyError_", "load_pepper", "DEFAULT_PEPPER_FILE"]
+__all__ = ["SCOPES", "KeyRecord", "Verified", "KeyStore", "KeyError_", "load_pepper", "keys_path", "DEFAULT_PEPPER_FILE"]
 
 SCOPES = ("predict", "admin")
 DEFAULT_PEPPER_FILE = Path("~/.config/dynray/pepper")
@@ -104,6 +104,13 @@ def load_pepper(env: Mapping[str, str] | None = None, default_file: Path = DEFAU
     return _parse_pepper(path.read_text(), str(path))
 
 
+def keys_path(home: str | os.PathLike | None = None) -> Path:
+    """The key database of registry home ``home`` (default: ``$DYNRAY_HOME`` or ``./.dynray``)."""
+    from dynray.registry import default_home
+
+    return default_home(home) / "keys.db"
+
+
 def _parse_pepper(text: str, source: str) -> bytes:
     try:
         raw = base64.urlsafe_b64decode(text.strip().encode())
@@ -125,6 +132,11 @@ class KeyStore:
         with self._db() as db:
             db.execute(_SCHEMA)
         os.chmod(self.path, 0o600)  # digests only, but nobody else needs to read them (SQLite gives its -wal file the same mode)
+
+    @classmethod
+    def at_home(cls, home: str | os.PathLike | None = None) -> KeyStore:
+        """The store of registry home ``home``, with this machine's pepper (:func:`load_pepper`)."""
+        return cls(keys_path(home), load_pepper())
 
     def _db(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=10, isolation_level=None)

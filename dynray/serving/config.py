@@ -33,6 +33,7 @@ __all__ = [
     "FailoverArgs",
     "SchedulingArgs",
     "RouterArgs",
+    "AuthArgs",
     "AppArgs",
     "DeviceUserConfig",
     "IngressUserConfig",
@@ -143,6 +144,14 @@ class RouterArgs(_Strict):
     hybrid_rl_weight: float = Field(0.8, ge=0, le=1, description="hybrid's trust in the policy")
 
 
+class AuthArgs(_Strict):
+    """API keys and the global rate limit at the ingress (:mod:`dynray.serving.auth`)."""
+
+    enabled: bool = Field(True, description="every /v1 endpoint but health needs an API key (`dynray keys create`); false serves anyone, for a trusted network only")
+    cache_ttl_s: float = Field(0.5, gt=0, le=1.0, description="how long a replica trusts a key's verdict: a revocation takes effect everywhere within it")
+    timeout_ms: float = Field(1000.0, gt=0, description="deadline of a key-store or limiter call; past it the request gets 503 (fail closed)")
+
+
 # flat names of the 0.x args (``ingress_replicas: 2``) -> their group; the group's field drops the prefix
 _MOVED = {
     **{f"ingress_{f}" if f in ("replicas", "max_ongoing_requests") else f: ("ingress", f) for f in IngressArgs.model_fields},
@@ -158,7 +167,7 @@ class AppArgs(_Strict):
     Grouped the way RLlib groups an algorithm config: the top level says what is served
     (system, models, split, the edge/cloud partition); each group configures one part:
     ``edge``/``cloud`` (:class:`TierArgs`), ``experts``, ``ingress``, ``failover``,
-    ``scheduling`` and ``router``.
+    ``scheduling``, ``router`` and ``auth``.
     """
 
     system: Literal["dynray", "all_cloud", "edge_only", "noop"] = Field("dynray", description="dynray graph, or a baseline")
@@ -175,6 +184,7 @@ class AppArgs(_Strict):
     failover: FailoverArgs = Field(default_factory=FailoverArgs)
     scheduling: SchedulingArgs = Field(default_factory=SchedulingArgs)
     router: RouterArgs = Field(default_factory=RouterArgs)
+    auth: AuthArgs = Field(default_factory=AuthArgs, description="API keys and rate limits (on by default)")
 
     @model_validator(mode="before")
     @classmethod

@@ -6,6 +6,9 @@ Every status an answer can get is decided here, so unit tests cover it:
 
 - before the first reconfigure there is no :class:`ServedPlan`: health, models and predict
   answer 503 JSON (``{"error": "not ready ..."}``), never a 500;
+- with a :class:`~dynray.serving.auth.Gate`, every endpoint but health first checks the API
+  key and the caller's rate: 401 (no or bad key), 403 (scope), 429 (with Retry-After), 503
+  when the key store or limiter is down;
 - a client error is its 4xx ``{"error"}``; no tier is 503 with Retry-After; anything
   unexpected is 500 ``{"error": "internal error", "request_id"}``, logged with the id and
   counted under ``dynray_errors_total{status="500"}``;
@@ -20,6 +23,7 @@ import logging
 import re
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass, field
 
@@ -32,6 +36,7 @@ from dynray.routing.features import CostWeights
 from dynray.routing.policy import find_policy
 from dynray.routing.rules import ROUTERS, RouteContext
 from dynray.serving import metrics as M
+from dynray.serving.auth import Admitted, Gate, Refusal
 from dynray.serving.config import CLOUD, EDGE, AppArgs, IngressUserConfig
 from dynray.serving.failover import Answer, DeviceCall, FailoverConfig, Orchestrator
 from dynray.serving.payload import PayloadLimits, decode_request, read_body
@@ -126,9 +131,25 @@ def request_id(given: str | None) -> str:
 class IngressCore:
     """The ingress's state and endpoints; ``plan`` is None until the first :meth:`configure`."""
 
-    def __init__(self, args: AppArgs, metrics: M.MetricsSink, *, tiers: tuple[str, ...]) -> None:
-        self.args, self.metrics, self.tiers = args, metrics, tiers
+    def __init__(self, args: AppArgs, metrics: M.MetricsSink, *, tiers: tuple[str, ...], gate: Gate | None = None) -> None:
+        """``gate``: API keys and rate limits for every endpoint but health (None: open to anyone)."""
+        self.args, self.metrics, self.tiers, self.gate = args, metrics, tiers, gate
         self.plan: ServedPlan | None = None
+        self.flags: deque[dict] = deque(maxlen=256)
+        """The detectors' latest flags on this replica (``GET /v1/admin/security``)."""
+
+    async def admit(self, headers: Mapping[str, str], scope: str, rid: str) -> Admitted | Reply:
+        """The gate's verdict on a request: Admitted, or the refusal to send (counted)."""
+        if self.gate is None:
+            return Admitted(None)
+        got = await self.gate.admit(headers, scope, rid)
+        if isinstance(got, Refusal):
+            if got.status >= 500:
+                self.metrics.inc(M.ERRORS, tags={M.TAG_STATUS: str(got.status)})
+            else:
+                self.metrics.inc(M.REJECTED, tags={M.TAG_STATUS: str(got.status)})
+            return Reply(got.status, got.body, {REQUEST_ID_HEADER: rid, **got.headers})
+        return got
 
     def configure(self, plan: ServedPlan) -> None:
         self.plan = plan  # one assignment: a request in flight keeps the plan it started with
@@ -144,6 +165,9 @@ class IngressCore:
         ids = {REQUEST_ID_HEADER: rid}
         t0 = time.perf_counter()
         try:
+            who = await self.admit(headers, "predict", rid)
+            if isinstance(who, Reply):
+                return who
             plan = self.plan
             if plan is None:
                 raise NoDeviceAvailable(_NOT_READY, fix="retry after the Retry-After delay; GET /v1/health answers 200 once ready")
@@ -213,11 +237,15 @@ class IngressCore:
         except Exception:  # noqa: BLE001
             return self._internal_error(rid, "health")
 
-    def models(self, headers: Mapping[str, str] | None = None) -> Reply:
+    async def models(self, headers: Mapping[str, str] | None = None) -> Reply:
         """The served versions, the A/B split and the routers; 503 before the first reconfigure."""
-        rid = request_id((headers or {}).get("x-request-id"))
+        headers = headers or {}
+        rid = request_id(headers.get("x-request-id"))
         ids = {REQUEST_ID_HEADER: rid}
         try:
+            who = await self.admit(headers, "predict", rid)
+            if isinstance(who, Reply):
+                return who
             plan = self.plan
             if plan is None:
                 return Reply(503, {"error": _NOT_READY, "request_id": rid}, {**ids, "Retry-After": str(RETRY_AFTER_S)})
@@ -226,6 +254,22 @@ class IngressCore:
                                "ppo_routers": plan.routers, "router_load": plan.orch.load_snapshot(plan.nominal_ms).__dict__}, ids)
         except Exception:  # noqa: BLE001
             return self._internal_error(rid, "models")
+
+
+    # -- GET /v1/admin/security --------------------------------------------------------
+    async def security(self, headers: Mapping[str, str] | None = None) -> Reply:
+        """What this replica enforces and what its detectors flagged; needs the ``admin`` scope."""
+        headers = headers or {}
+        rid = request_id(headers.get("x-request-id"))
+        try:
+            who = await self.admit(headers, "admin", rid)
+            if isinstance(who, Reply):
+                return who
+            a = self.args.auth
+            return Reply(200, {"auth": {"enabled": self.gate is not None, "cache_ttl_s": a.cache_ttl_s, "timeout_ms": a.timeout_ms},
+                               "flags": list(self.flags), "request_id": rid}, {REQUEST_ID_HEADER: rid})
+        except Exception:  # noqa: BLE001
+            return self._internal_error(rid, "security")
 
 
 def _answer_body(ans: Answer, plan: ServedPlan, version: str, router: str, latency_ms: float) -> dict:

@@ -104,7 +104,7 @@ def test_serve_graph_with_remote_experts(ray_session, moe_home, x_test):
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
     app = cfg["applications"][0]
     app["args"].update(
-        home=str(home), models=[ref], experts={"count": 4, "timeout_ms": 2000},
+        home=str(home), models=[ref], auth={"enabled": False}, experts={"count": 4, "timeout_ms": 2000},
         # the cloud call (where the MoE stage runs) outlasts an expert timeout, so a dead expert
         # shows as rerouted tokens, not as a cloud timeout; a slow health check keeps the killed
         # expert dead (not yet replaced) while the answers after the kill are checked

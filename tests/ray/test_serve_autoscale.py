@@ -41,7 +41,7 @@ def autoscaled(ray_session, tmp_path_factory):
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
     app = cfg["applications"][0]
     fast = {"target_ongoing_requests": 0.25, "upscale_delay_s": 0.5, "downscale_delay_s": 2.0, "look_back_period_s": 2.0, "metrics_interval_s": 0.5}
-    app["args"].update(home=str(home), models=[ref], ingress={**app["args"]["ingress"], "replicas": 1}, scheduling={"policy": "cost"},
+    app["args"].update(home=str(home), models=[ref], auth={"enabled": False}, ingress={**app["args"]["ingress"], "replicas": 1}, scheduling={"policy": "cost"},
                        edge={**app["args"]["edge"], "min_replicas": 1, "max_replicas": 2, **fast},
                        cloud={**app["args"]["cloud"], "min_replicas": 1, "max_replicas": 1})
     for d in app["deployments"]:

@@ -28,8 +28,11 @@ from dynray.serving.routing_state import Observation, SharedFailure, TierObserva
 from dynray.registry import ModelRegistry
 from dynray.routing.features import obs_dim
 from dynray.routing.policy import PolicyNet, save_policy
+from dynray.security.keys import KeyStore
 from dynray.store import load_model, save_model
 from dynray.thresholds import ThresholdRule
+from actors.keystore import find_keystore
+from actors.ratelimiter import RATELIMITER_ACTOR
 from actors.registry import REGISTRY_ACTOR, find_registry
 from jobs._ray import free_port
 from jobs.serve_chaos import ChaosConfig, kill_devices_under_load, kill_ingress_under_load
@@ -87,23 +90,29 @@ def served(ray_session, tmp_path_factory):
     app["runtime_env"] = {"env_vars": {"DYNRAY_HOME": str(empty)}}
     for d in app["deployments"]:
         d["user_config"] = {**d["user_config"], "models": [v1], "home": str(empty)}
-    D.deploy(cfg, timeout_s=180)
-    state = {"cfg": cfg, "url": f"http://127.0.0.1:{port}", "port": port, "home": home, "empty": empty, "v1": v1, "v2": v2}
+    D.deploy(cfg, timeout_s=180)  # auth on, as shipped: every call below sends a key
+    store = KeyStore.at_home(home)
+    key, rec = store.create("test-serving", scopes=["predict"], rate_per_s=100_000)
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {key}"
+    state = {"cfg": cfg, "url": f"http://127.0.0.1:{port}", "port": port, "home": home, "empty": empty, "v1": v1, "v2": v2,
+             "store": store, "key": key, "key_id": rec.id, "http": http}
     yield state
     D.shutdown()
-    ray_session.kill(find_registry())
+    for actor in (find_registry(), find_keystore(), ray_session.get_actor(RATELIMITER_ACTOR, namespace="dynray")):
+        ray_session.kill(actor)
 
 
-def _post(url: str, body, **kw) -> requests.Response:
-    return requests.post(f"{url}/v1/predict", json=body, timeout=30, **kw)
+def _post(served: dict, body, **kw) -> requests.Response:
+    return served["http"].post(f"{served['url']}/v1/predict", json=body, timeout=30, **kw)
 
 
 def test_http_predictions_equal_the_offline_model(served):
     x = load_dataset("mnist-5k", "test").images[:48]
     sm = load_model(ModelRegistry(served["home"]), served["v1"])
     ref = sm.model.forward_exits(x, sm.rule)
-    batch = _post(served["url"], encode_array(x)).json()
-    singles = [_post(served["url"], encode_array(x[i : i + 1])).json() for i in range(16)]
+    batch = _post(served, encode_array(x)).json()
+    singles = [_post(served, encode_array(x[i : i + 1])).json() for i in range(16)]
     assert batch["model_version"] == served["v1"] and not batch["degraded"]
     assert batch["predictions"] == ref.logits.argmax(1).tolist()
     assert batch["exit"] == ref.exit_index.tolist()
@@ -122,14 +131,14 @@ def test_replicas_read_models_through_the_registry_actor_not_their_own_disk(serv
     handle = find_registry()
     assert handle is not None and ray_session.get(handle.home.remote()) == str(served["home"])
     assert list(served["empty"].iterdir()) == []  # nothing was read from, or written to, the replicas' home
-    health = requests.get(f"{served['url']}/v1/health", timeout=10).json()
+    health = served["http"].get(f"{served['url']}/v1/health", timeout=10).json()
     assert health["status"] == "ok", health
 
 
 def test_each_router_setting_answers(served):
     x = load_dataset("mnist-5k", "test").images[:48]
     body = encode_array(x)
-    out = {r: _post(served["url"], {**body, "router": r}) for r in ("thresholds", "ppo", "hybrid")}
+    out = {r: _post(served, {**body, "router": r}) for r in ("thresholds", "ppo", "hybrid")}
     for r, resp in out.items():
         assert resp.status_code == 200, (r, resp.text)
         assert resp.json()["router"] == r and len(resp.json()["predictions"]) == 48
@@ -139,9 +148,9 @@ def test_each_router_setting_answers(served):
     # does the hybrid, whose needed confidence is 0.9 + (1 - 0.8) * 0.1 = 0.92
     assert set(ppo["exit"]) == {0} and set(ppo["tier"]) == {"edge"}
     assert hyb["exit"] == ppo["exit"] and hyb["predictions"] == ppo["predictions"]
-    models = requests.get(f"{served['url']}/v1/models", timeout=10).json()
+    models = served["http"].get(f"{served['url']}/v1/models", timeout=10).json()
     assert models["ppo_routers"][served["v1"]] == "srv-router:v1" and models["router"] == "thresholds"
-    bad = _post(served["url"], {**body, "router": "sgd"})
+    bad = _post(served, {**body, "router": "sgd"})
     assert bad.status_code == 422 and "unknown router" in bad.json()["error"]
 
 
@@ -160,26 +169,73 @@ BAD = [
 
 @pytest.mark.parametrize("name,body,ctype,status", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_gets_its_4xx_and_the_replica_keeps_serving(served, name, body, ctype, status):
-    r = requests.post(f"{served['url']}/v1/predict", data=body(), headers={"Content-Type": ctype}, timeout=30)
+    r = served["http"].post(f"{served['url']}/v1/predict", data=body(), headers={"Content-Type": ctype}, timeout=30)
     assert r.status_code == status, r.text
     assert r.json()["error"] and r.json()["request_id"] == r.headers["X-Request-Id"]
-    ok = _post(served["url"], encode_array(torch.zeros(1, 1, 28, 28)))
+    ok = _post(served, encode_array(torch.zeros(1, 1, 28, 28)))
     assert ok.status_code == 200
 
 
 def test_health_models_and_openapi(served):
-    r = requests.get(f"{served['url']}/v1/health", timeout=10, headers={"X-Request-Id": "probe-1"})
+    r = served["http"].get(f"{served['url']}/v1/health", timeout=10, headers={"X-Request-Id": "probe-1"})
     h = r.json()
     assert h["ready"] and h["tiers"]["edge"]["replicas"] == 2 and h["tiers"]["cloud"]["replicas"] == 1
     assert r.headers["X-Request-Id"] == "probe-1"
     assert h["deployments"]["Ingress"]["replicas"]["RUNNING"] == 2 and h["deployments"]["RoutingState"]["replicas"]["RUNNING"] == 1
-    m = requests.get(f"{served['url']}/v1/models", timeout=10).json()
+    m = served["http"].get(f"{served['url']}/v1/models", timeout=10).json()
     assert m["versions"] == [served["v1"]]
-    spec = requests.get(f"{served['url']}/openapi.json", timeout=10).json()
+    spec = served["http"].get(f"{served['url']}/openapi.json", timeout=10).json()
     assert "/v1/predict" in spec["paths"] and "requestBody" in spec["paths"]["/v1/predict"]["post"]
 
 
-def _chunked_post_until_answered(port: int, total: int, rate: float, chunk: int = 64 * 1024) -> tuple[int, bytes, int]:
+def test_http_auth_401_403_429_and_health_needs_no_key(served):
+    url, body = served["url"], encode_array(torch.zeros(1, 1, 28, 28))
+    for path, method in (("/v1/predict", "post"), ("/v1/models", "get"), ("/v1/admin/security", "get")):
+        r = getattr(requests, method)(f"{url}{path}", json=body if method == "post" else None, timeout=10)
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer") and "API key" in r.json()["error"], (path, r.text)
+    bad = requests.post(f"{url}/v1/predict", json=body, headers={"Authorization": f"Bearer {served['key'][:-4]}AAAA"}, timeout=10)
+    assert bad.status_code == 401 and "not valid" in bad.json()["error"]
+    assert requests.get(f"{url}/v1/health", timeout=10).status_code == 200  # no key asked
+    forbidden = served["http"].get(f"{url}/v1/admin/security", timeout=10)
+    assert forbidden.status_code == 403 and "admin" in forbidden.json()["error"]
+    admin, _ = served["store"].create("test-admin", scopes=["admin"])
+    sec = requests.get(f"{url}/v1/admin/security", headers={"X-API-Key": admin}, timeout=10)
+    assert sec.status_code == 200 and sec.json()["auth"]["enabled"] is True
+    slow, _ = served["store"].create("test-slow", rate_per_s=0.5, burst=2)
+    got = [requests.post(f"{url}/v1/predict", json=body, headers={"X-API-Key": slow}, timeout=10) for _ in range(3)]
+    assert [g.status_code for g in got] == [200, 200, 429], [g.text for g in got]
+    assert int(got[2].headers["Retry-After"]) >= 1 and got[2].json()["retry_after_s"] > 0
+    assert _post(served, body).status_code == 200  # the other key is not limited by it
+
+
+def test_a_revoked_key_is_refused_by_every_ingress_replica_within_a_second(served):
+    key, rec = served["store"].create("test-revoke", rate_per_s=10_000)
+    h, body = {"Authorization": f"Bearer {key}"}, encode_array(torch.zeros(1, 1, 28, 28))
+    for _ in range(10):  # both replicas have the key's verdict cached
+        assert requests.post(f"{served['url']}/v1/predict", json=body, headers=h, timeout=10).status_code == 200
+    served["store"].revoke(rec.id)
+    t0, seen = time.monotonic(), []
+    while time.monotonic() - t0 < 2.0:
+        r = requests.post(f"{served['url']}/v1/predict", json=body, headers=h, timeout=10)
+        seen.append((time.monotonic() - t0, r.status_code))
+    last_ok = max((t for t, s in seen if s == 200), default=0.0)
+    after = [s for t, s in seen if t > 1.0]
+    assert last_ok < 1.0 and after and set(after) == {401}, seen
+
+
+def test_a_keys_rate_holds_across_both_ingress_replicas_over_http(served):
+    """25/s with a burst of 10, hammered at concurrency 8 for 4 s through Serve's proxy, which
+    spreads the requests over the two ingress replicas: 10 + 25 x 4 = 110 may pass, within 10%."""
+    key, _ = served["store"].create("test-rate", rate_per_s=25, burst=10)
+    x = load_dataset("mnist-5k", "test").images[:8]
+    res = run_load_sync(LoadConfig(url=f"{served['url']}/v1/predict", requests=100_000, concurrency=8, max_duration_s=4.0, api_key=key), lambda i: encode_array(x[i % 8][None]))
+    counts = res.status_counts()
+    assert set(counts) <= {200, 429, -1}, counts
+    assert abs(counts.get(200, 0) - 110) <= 11, counts
+    assert all(r.retry_after for r in res.records if r.status == 429)
+
+
+def _chunked_post_until_answered(port: int, key: str, total: int, rate: float, chunk: int = 64 * 1024) -> tuple[int, bytes, int]:
     """POST a chunked body of up to ``total`` bytes at ``rate`` bytes/s, stopping as soon as the
     server answers: (bytes sent by then, the raw response, total).
 
@@ -187,7 +243,8 @@ def _chunked_post_until_answered(port: int, total: int, rate: float, chunk: int 
     replica): unpaced on loopback, tens of MB are queued before the replica has seen 8 MB."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     try:
-        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+                     + f"Authorization: Bearer {key}\r\n\r\n".encode())
         frame = b"%x\r\n" % chunk + b"[" * chunk + b"\r\n"
         t0 = time.monotonic()
         sent, deadline = 0, t0 + 120
@@ -222,13 +279,13 @@ def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(served):
     limit) have arrived, while the client is still sending: the ingress stops reading at the
     limit (reading the whole body first, the answer would come after all 100 MB, at 10 s)."""
     t0 = time.monotonic()
-    sent, raw, total = _chunked_post_until_answered(served["port"], 100 * 1024 * 1024, rate=10e6)
+    sent, raw, total = _chunked_post_until_answered(served["port"], served["key"], 100 * 1024 * 1024, rate=10e6)
     print(f"chunked 413 after {sent / 1e6:.1f} MB sent, {time.monotonic() - t0:.1f} s")
     head, body = raw.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 413"), head[:200]
     assert "over 8388608 bytes" in json.loads(body)["error"] and b"x-request-id" in head.lower()
     assert sent < total // 2, f"the answer came only after {sent} of {total} bytes were sent"
-    ok = _post(served["url"], encode_array(torch.zeros(1, 1, 28, 28)))
+    ok = _post(served, encode_array(torch.zeros(1, 1, 28, 28)))
     assert ok.status_code == 200
 
 
@@ -277,11 +334,11 @@ def test_a_version_the_devices_do_not_host_is_503_and_trips_no_breaker(served):
     try:
         x = load_dataset("mnist-5k", "test").images[:48]
         for _ in range(6):
-            r = _post(served["url"], {**encode_array(x[:4]), "model_version": served["v2"]})
+            r = _post(served, {**encode_array(x[:4]), "model_version": served["v2"]})
             assert r.status_code == 503 and "does not host the requested version" in r.json()["error"], r.text
-        v1 = _post(served["url"], encode_array(x)).json()
+        v1 = _post(served, encode_array(x)).json()
         assert v1["model_version"] == served["v1"] and not v1["degraded"] and "cloud" in v1["tier"] and v1["path"] == "edge_first"
-        h = requests.get(f"{served['url']}/v1/health", timeout=10).json()
+        h = served["http"].get(f"{served['url']}/v1/health", timeout=10).json()
         assert h["tiers"]["edge"]["up"] and h["tiers"]["cloud"]["up"], h["tiers"]
     finally:
         D.deploy(served["cfg"], timeout_s=120, check=False)
@@ -311,8 +368,8 @@ def test_a_tier_marked_down_by_one_ingress_replica_is_down_for_all(served):
     try:
         time.sleep(1.5)  # > 2 sync periods: every replica has pulled the merged view
         x = load_dataset("mnist-5k", "test").images[:48]
-        answers = [_post(served["url"], encode_array(x)).json() for _ in range(12)]
-        h = requests.get(f"{served['url']}/v1/health", timeout=10).json()
+        answers = [_post(served, encode_array(x)).json() for _ in range(12)]
+        h = served["http"].get(f"{served['url']}/v1/health", timeout=10).json()
         known = state.replicas.remote().result(timeout_s=10)
     finally:
         stop.set()
@@ -321,7 +378,7 @@ def test_a_tier_marked_down_by_one_ingress_replica_is_down_for_all(served):
     assert all("cloud" not in a["tier"] and a["degraded"] and a["device_failures"] == 0 for a in answers), [a["tier"] for a in answers]
     assert not h["tiers"]["cloud"]["up"] and h["tiers"]["edge"]["up"]
     for _ in range(40):  # the cooldown + a sync period, then the first call closes the breaker
-        a = _post(served["url"], encode_array(x)).json()
+        a = _post(served, encode_array(x)).json()
         if "cloud" in a["tier"] and not a["degraded"]:
             break
         time.sleep(0.25)
@@ -329,9 +386,9 @@ def test_a_tier_marked_down_by_one_ingress_replica_is_down_for_all(served):
         pytest.fail("the cloud was not used again after the failure reports stopped")
 
 
-def _load_in_background(url: str, n: int, concurrency: int, x: torch.Tensor):
+def _load_in_background(served: dict, n: int, concurrency: int, x: torch.Tensor):
     out = {}
-    cfg = LoadConfig(url=f"{url}/v1/predict", requests=n, concurrency=concurrency, timeout_s=15)
+    cfg = LoadConfig(url=f"{served['url']}/v1/predict", requests=n, concurrency=concurrency, timeout_s=15, api_key=served["key"])
     t = threading.Thread(target=lambda: out.setdefault("res", run_load_sync(cfg, lambda i: encode_array(x[i % len(x)][None]))))
     t.start()
     return t, out
@@ -341,7 +398,7 @@ def test_zero_downtime_roll_then_ab_split(served):
     from actors import serve_apps as D
 
     x = load_dataset("mnist-5k", "test").images[:64]
-    t, out = _load_in_background(served["url"], 400, 4, x)
+    t, out = _load_in_background(served, 400, 4, x)
     time.sleep(0.5)
     cfg = D.roll(served["cfg"], APP, [served["v2"]])
     t.join(timeout=120)
@@ -352,11 +409,11 @@ def test_zero_downtime_roll_then_ab_split(served):
     # A/B: 30% to v1, 70% to v2 (devices host both)
     cfg = D.roll(cfg, APP, [served["v2"], served["v1"]], [0.7, 0.3])
     served["cfg"] = cfg
-    res = run_load_sync(LoadConfig(url=f"{served['url']}/v1/predict", requests=400, concurrency=8), lambda i: encode_array(x[i % 64][None]))
+    res = run_load_sync(LoadConfig(url=f"{served['url']}/v1/predict", requests=400, concurrency=8, api_key=served["key"]), lambda i: encode_array(x[i % 64][None]))
     share_v1 = sum(r.body["model_version"] == served["v1"] for r in res.records) / 400
     # binomial sd at n=400, p=0.3 is 2.3 pt; +-8 pt is > 3 sd
     assert abs(share_v1 - 0.3) < 0.08, share_v1
-    counts = requests.get(f"{served['url']}/v1/models", timeout=10).json()["requests"]
+    counts = served["http"].get(f"{served['url']}/v1/models", timeout=10).json()["requests"]
     assert counts[served["v1"]] > 0 and counts[served["v2"]] > 0
 
 
@@ -376,7 +433,7 @@ def test_batches_fill_under_concurrency(served):
     x = load_dataset("mnist-5k", "test").images[:64]
     before = _edge_stats()
     # 32 in flight: each of the two ingress replicas coalesces about half of them
-    res = run_load_sync(LoadConfig(url=f"{served['url']}/v1/predict", requests=400, concurrency=32), lambda i: encode_array(x[i % 64][None]))
+    res = run_load_sync(LoadConfig(url=f"{served['url']}/v1/predict", requests=400, concurrency=32, api_key=served["key"]), lambda i: encode_array(x[i % 64][None]))
     assert res.errors == 0, [(r.status, r.body) for r in res.records if r.status != 200][:3]
     after = _edge_stats()
     zero = {"forwards": 0, "samples": 0}
@@ -394,7 +451,7 @@ def test_chaos_kill_edge_then_cloud_every_request_answered(served):
     from actors import serve_apps as D
 
     images = load_dataset("mnist-5k", "test").images[:64].numpy()
-    res = kill_devices_under_load(ChaosConfig(url=f"{served['url']}/v1/predict", app=APP, requests=700, concurrency=8, kill_after_s=1.0, recovery_timeout_s=30), images)
+    res = kill_devices_under_load(ChaosConfig(url=f"{served['url']}/v1/predict", app=APP, requests=700, concurrency=8, kill_after_s=1.0, recovery_timeout_s=30, api_key=served["key"]), images)
     print("device chaos:", res.to_dict())
     assert res.kills_during_load, res.to_dict()
     assert res.answered_no_retry == res.requests == 700 and res.errors == 0, res.status
@@ -403,7 +460,7 @@ def test_chaos_kill_edge_then_cloud_every_request_answered(served):
     s = D.app_status(APP)["deployments"]
     assert s["Edge"]["replicas"].get("RUNNING") == 2 and s["Cloud"]["replicas"].get("RUNNING") == 1
     for _ in range(40):  # the breaker closes at the first call after its cooldown
-        if not _post(served["url"], encode_array(torch.from_numpy(images[:48]))).json()["degraded"]:
+        if not _post(served, encode_array(torch.from_numpy(images[:48]))).json()["degraded"]:
             break
         time.sleep(0.25)
     else:
@@ -416,7 +473,7 @@ def test_kill_one_ingress_replica_under_load(served):
     from actors import serve_apps as D
 
     images = load_dataset("mnist-5k", "test").images[:64].numpy()
-    res = kill_ingress_under_load(ChaosConfig(url=f"{served['url']}/v1/predict", app=APP, requests=400, concurrency=8, kill_after_s=1.0, retries=1, recovery_timeout_s=30), images)
+    res = kill_ingress_under_load(ChaosConfig(url=f"{served['url']}/v1/predict", app=APP, requests=400, concurrency=8, kill_after_s=1.0, retries=1, recovery_timeout_s=30, api_key=served["key"]), images)
     print("ingress chaos:", res.to_dict())
     assert res.kills_during_load, res.to_dict()
     assert res.answered == res.requests == 400, res.to_dict()

@@ -8,7 +8,9 @@ interpreter sharing one Ray (``chain`` in conftest.py); these tests read its res
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -41,11 +43,52 @@ def test_demo_runs_end_to_end_on_a_small_configuration(demo):
     _ok(p)
     assert "[5/5]" in p.stdout and "MAC saving" in p.stdout
     assert "registered dynnet-mnist-5k-router:v1" in p.stdout  # step 4 trained and registered a PPO router
-    assert "300/300 answered over HTTP by router hybrid" in p.stdout and "escalated to the cloud tier" in p.stdout
+    # auth is on as shipped: step 5 made an API key, sent it and revoked it
+    assert re.search(r"300/300 answered over HTTP with API key [0-9a-f]{12} \(made for the run, revoked after it\) by router hybrid", p.stdout), p.stdout[-2000:]
+    assert "escalated to the cloud tier" in p.stdout
     core = json.loads(out.read_text())["core"]
     assert core["dataset"] == "mnist-5k" and core["n_test"] == 1000
     assert core["macs_adaptive"] < core["macs_full"]
     assert Path(core["plot"]).exists()
+
+
+KEY_PATTERN = re.compile(rb"dk_[0-9a-f]{12}_[A-Za-z0-9_-]{20,}")  # dynray.security.keys: dk_<id>_<secret>
+
+
+def _secrets_found(root: Path, secrets: list[bytes]) -> list[str]:
+    """Files under ``root`` holding an API key or any of ``secrets`` (as bytes)."""
+    hits = []
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+        data = f.read_bytes()
+        if KEY_PATTERN.search(data) or any(s in data for s in secrets):
+            hits.append(str(f.relative_to(root)))
+    return hits
+
+
+def test_after_the_demo_dynray_home_holds_no_plaintext_key_material(demo, env, tmp_path):
+    """The demo made an API key and served with it: $DYNRAY_HOME keeps its digest only, and
+    neither the pepper nor Ray's cluster token lands there."""
+    _ok(demo[0])
+    home = Path(env["DYNRAY_HOME"])
+    from dynray.security.keys import KeyStore
+
+    pepper_file = Path(env["HOME"]) / ".config" / "dynray" / "pepper"
+    pepper_text = pepper_file.read_text().strip().encode()
+    secrets = [pepper_text, base64.urlsafe_b64decode(pepper_text)]
+    token = Path(env["HOME"]) / ".ray" / "auth_token"
+    if token.exists():
+        secrets.append(token.read_bytes().strip())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", env["HOME"])
+        listed = KeyStore.at_home(home).list()
+    assert [(k.name, k.revoked is not None) for k in listed] == [("http-traffic", True)], listed  # the demo's key is there, hashed, revoked
+    assert _secrets_found(home, secrets) == []
+    # the scan itself finds what it looks for
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "log.txt").write_bytes(b"x dk_0123456789ab_" + b"A" * 43 + b" y")
+    (planted / "p.bin").write_bytes(b"..." + secrets[1] + b"...")
+    assert _secrets_found(planted, secrets) == ["log.txt", "p.bin"]
 
 
 def _cli(args: list[str], env: dict, monkeypatch, capsys) -> tuple[int, str, str]:

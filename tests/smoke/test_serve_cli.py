@@ -135,8 +135,17 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def _predict(url: str) -> requests.Response:
-    return requests.post(f"{url}/v1/predict", json=encode_array(torch.zeros(2, 1, 28, 28)), timeout=30)
+def _predict(url: str, key: str | None) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(f"{url}/v1/predict", json=encode_array(torch.zeros(2, 1, 28, 28)), headers=headers, timeout=30)
+
+
+def _create_key(env: dict) -> str:
+    """`dynray keys create` as a user would run it; the key is the last line it prints."""
+    p = subprocess.run([str(Path(sys.executable).with_name("dynray")), "keys", "create", "--name", "smoke", "--rate", "1000"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "shown only now" in p.stdout, p.stdout + p.stderr
+    return p.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +167,9 @@ def served(tmp_path_factory):
     up_s = time.monotonic() - t0
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     try:
-        yield {"env": env, "up": up, "up_s": up_s, "url": f"http://127.0.0.1:{port}", "port": port, "v1": v1, "v2": v2, "broken": broken, "state": state, "stale_tmp": stale_tmp, "state_file": state_file}
+        key = _create_key(env) if up.returncode == 0 else None
+        yield {"env": env, "up": up, "up_s": up_s, "url": f"http://127.0.0.1:{port}", "port": port, "v1": v1, "v2": v2, "broken": broken, "state": state,
+               "stale_tmp": stale_tmp, "state_file": state_file, "key": key}
     finally:
         if state_file.exists():
             _deploy(["down"], env, timeout=120)
@@ -175,16 +186,20 @@ def test_up_from_a_clean_shell_clears_a_dead_head_and_serves(served):
     assert not served["stale_tmp"].exists()
     state = served["state"]
     assert state["head_pid"] > 0 and _head_processes(state["temp_dir"]) and state["auth_mode"] == "token"
-    r = _predict(served["url"])
+    r = _predict(served["url"], served["key"])
     assert r.status_code == 200 and r.json()["model_version"] == served["v1"], r.text
+    anon = _predict(served["url"], None)  # a plain `serve up` asks for a key
+    assert anon.status_code == 401 and "API key" in anon.json()["error"], anon.text
 
 
 def test_status_prints_the_running_app(served):
-    st = _deploy(["status"], served["env"], timeout=120, via=SERVE)
+    st = _deploy(["status"], {**served["env"], "DYNRAY_API_KEY": served["key"]}, timeout=120, via=SERVE)
     assert st.returncode == 0, st.stderr[-2000:]
     status = json.loads(st.stdout)
     assert status["serve"]["status"] == "RUNNING" and status["health"]["ready"]
     assert status["models"]["versions"] == [served["v1"]]
+    st = _deploy(["status"], served["env"], timeout=120, via=SERVE)  # without a key: health, and what to set for the rest
+    assert st.returncode == 0 and "DYNRAY_API_KEY" in json.loads(st.stdout)["models"]["error"], st.stdout[-2000:]
 
 
 def test_second_up_is_refused_while_the_head_runs(served, monkeypatch, capsys):
@@ -196,9 +211,9 @@ def test_second_up_is_refused_while_the_head_runs(served, monkeypatch, capsys):
 def _still_serving_v1(served: dict) -> None:
     health = requests.get(f"{served['url']}/v1/health", timeout=10)
     assert health.status_code == 200 and health.json()["ready"], health.text
-    r = _predict(served["url"])
+    r = _predict(served["url"], served["key"])
     assert r.status_code == 200 and r.json()["model_version"] == served["v1"]
-    assert requests.get(f"{served['url']}/v1/models", timeout=10).json()["versions"] == [served["v1"]]
+    assert requests.get(f"{served['url']}/v1/models", headers={"X-API-Key": served["key"]}, timeout=10).json()["versions"] == [served["v1"]]
 
 
 @pytest.mark.parametrize(
@@ -264,7 +279,7 @@ def test_roll_then_down_stops_the_head(served):
     p = _deploy(["roll", "--model", served["v2"]], served["env"], timeout=400)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     assert json.loads(p.stdout)["models"] == [served["v2"]]
-    r = _predict(served["url"])
+    r = _predict(served["url"], served["key"])
     assert r.status_code == 200 and r.json()["model_version"] == served["v2"]
     rolled = json.loads(served["state_file"].read_text())
     assert rolled["config"]["applications"][0]["deployments"][0]["user_config"]["models"] == [served["v2"]]

@@ -72,7 +72,7 @@ def _good_body() -> bytes:
 def test_before_the_first_reconfigure_every_endpoint_answers_503_json(core):
     h = core.health(RUNNING)
     assert h.status == 503 and h.body["ready"] is False and "not ready" in h.body["error"] and h.body["tiers"]["edge"]["up"] is False
-    m = core.models()
+    m = asyncio.run(core.models())
     assert m.status == 503 and "not ready" in m.body["error"] and m.headers["Retry-After"] == "1"
     p = _predict(core, _good_body())
     assert p.status == 503 and "not ready" in p.body["error"] and p.headers["Retry-After"] == "1"
@@ -88,7 +88,7 @@ def test_after_configure_it_answers(core, tiny_cnn):
     assert r.body["device_failures"] == 0 and r.headers[REQUEST_ID_HEADER] == "client-id.7"
     assert core.health(RUNNING).status == 200 and core.health(RUNNING).body["ready"]
     assert core.health({}).status == 503  # no replica running: not ready
-    assert core.models().status == 200 and core.models().body["versions"] == [VERSION]
+    assert asyncio.run(core.models()).status == 200 and asyncio.run(core.models()).body["versions"] == [VERSION]
     assert core.metrics.count(M.REQUESTS, model_version=VERSION) == 1
 
 
@@ -108,7 +108,7 @@ def test_an_unexpected_exception_is_a_json_500_with_a_logged_counted_request_id(
     assert any(rid in rec.getMessage() and rec.exc_info for rec in caplog.records)
     # and in the other endpoints
     monkeypatch.setattr(TrafficSplit, "describe", lambda self: 1 / 0)
-    r = core.models()
+    r = asyncio.run(core.models())
     assert r.status == 500 and r.body["error"] == "internal error" and core.metrics.count(M.ERRORS, status="500") == 2
 
 
