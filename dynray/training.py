@@ -17,7 +17,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from dynray.registry import default_home
 from dynray.annealing import anneal, anneal_vector
 from dynray.thresholds import ThresholdRule
 
-__all__ = ["TrainConfig", "TrainOutcome", "make_optimizer", "train_epoch", "evaluate", "train_loop_per_worker", "fit"]
+__all__ = ["TrainConfig", "TrainOutcome", "make_optimizer", "train_epoch", "evaluate", "without", "train_loop_per_worker", "fit"]
 log = logging.getLogger(__name__)
 
 
@@ -82,6 +82,8 @@ class TrainConfig:
     """Where Ray Train keeps checkpoints; None = $DYNRAY_HOME/runs."""
     finetune: FinetuneConfig | None = None
     """Fine-tuning plan when starting from a registered model."""
+    exclude_train: tuple[int, ...] = ()
+    """Training-split indices left out (what a data audit flagged: ``dynray train --audit-data drop``)."""
 
     def __post_init__(self) -> None:
         dataset_spec(self.dataset)  # unknown names fail here, before any worker starts
@@ -224,6 +226,15 @@ def _quiet_ray_train_logs() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
+def without(split: Split, exclude: tuple[int, ...]) -> Split:
+    """``split`` less the samples at ``exclude``."""
+    if not exclude:
+        return split
+    keep = torch.ones(len(split.labels), dtype=torch.bool)
+    keep[torch.tensor(exclude, dtype=torch.long)] = False
+    return replace(split, images=split.images[keep], labels=split.labels[keep])
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs inside every Ray Train worker."""
     import ray.train
@@ -237,7 +248,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     _quiet_ray_train_logs()
     torch.manual_seed(cfg.seed)
-    train = load_dataset(cfg.dataset, "train", root=cfg.data_root)
+    train = without(load_dataset(cfg.dataset, "train", root=cfg.data_root), cfg.exclude_train)
     val = load_dataset(cfg.dataset, "val", root=cfg.data_root)
     model = build(cfg.model_config())
     model.complexity.fit(train.images)  # deterministic: identical on every rank

@@ -1,11 +1,13 @@
 """Ray job: train a DynamicNet with Ray Train and register it.
 
     python -m jobs.train --dataset mnist-5k --epochs 20 --workers 2
+    python -m jobs.train --audit-data --audit-action drop    # leave out what the poisoning audit flags
     dynray submit train -- --dataset mnist-5k
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Literal
@@ -23,8 +25,9 @@ from dynray.store import load_model
 from dynray.training import TrainConfig
 from jobs._ray import connect, job_registry
 
-__all__ = ["MoEFlags", "Config", "Result", "run", "main", "default_name"]
+__all__ = ["MoEFlags", "Config", "Result", "run", "main", "default_name", "audit_training_split"]
 
+log = logging.getLogger(__name__)
 _T = TrainConfig  # defaults come from the library's configs: one source for each value
 _M: MoEConfig = model_config_for("mnist-5k", "moe").moe  # type: ignore[assignment]  # the --arch moe default
 
@@ -79,6 +82,12 @@ class Config:
     """Registry name (default: dynnet-DATASET, moe-DATASET or moe-DATASET-dense)."""
     moe: Annotated[MoEFlags, tyro.conf.OmitArgPrefixes] = field(default_factory=MoEFlags)
     """Mixture of experts (with --arch moe)."""
+    audit_data: bool = False
+    """Before training, audit the training split for poisoning: out-of-fold label audit
+    (flipped labels) and activation clustering (backdoor triggers); the flags are logged and
+    written to $DYNRAY_HOME/audits/."""
+    audit_action: Literal["report", "drop"] = "report"
+    """With --audit-data: report the flagged samples only, or leave them out of training."""
 
     def model_config(self) -> DynamicNetConfig:
         """The model to train: the architecture family's default, with the MoE flags applied."""
@@ -94,10 +103,11 @@ class Config:
             moe = replace(moe, stages=tuple(f.moe_stages))
         return replace(cfg, moe=moe.dense_equivalent() if self.arch == "moe-dense" else moe)
 
-    def train_config(self, finetune: FinetuneConfig | None = None) -> TrainConfig:
+    def train_config(self, finetune: FinetuneConfig | None = None, exclude: tuple[int, ...] = ()) -> TrainConfig:
         """The library's TrainConfig (validated there: errors name the fix)."""
         return TrainConfig(dataset=self.dataset, model=self.model_config(), epochs=self.epochs, workers=self.workers, batch_size=self.batch_size,
-                           lr=self.lr, seed=self.seed, distill_alpha=self.distill, schedule=self.schedule, augment=self.augment, finetune=finetune)
+                           lr=self.lr, seed=self.seed, distill_alpha=self.distill, schedule=self.schedule, augment=self.augment, finetune=finetune,
+                           exclude_train=exclude)
 
 
 @dataclass(frozen=True)
@@ -110,10 +120,46 @@ class Result:
     """Training wall-clock time."""
     parent: str | None = None
     """The model it was fine-tuned from, if any."""
+    audit: dict | None = None
+    """With --audit-data: what the audit flagged (see :func:`audit_training_split`)."""
 
     def summary(self) -> str:
         start = f" (fine-tuned from {self.parent})" if self.parent else ""
-        return f"registered {self.model}{start}: val accuracy per exit {[round(a, 4) for a in self.metrics['val_exit_accuracy']]} in {self.seconds:.0f}s"
+        out = f"registered {self.model}{start}: val accuracy per exit {[round(a, 4) for a in self.metrics['val_exit_accuracy']]} in {self.seconds:.0f}s"
+        if self.audit is not None:
+            a = self.audit
+            out = (f"data audit: {a['flagged']} of {a['n']} training samples flagged ({a['labels']} by the label audit, {a['backdoor']} by activation "
+                   f"clustering), {'left out of training' if a['action'] == 'drop' else 'kept (report only)'}; details in {a['path']}\n") + out
+        return out
+
+
+def audit_training_split(cfg: Config) -> dict:
+    """Run both poisoning audits on ``cfg``'s training split (in process, a few small models);
+    log the flags and write them to ``$DYNRAY_HOME/audits/``."""
+    import json
+    import time
+
+    import numpy as np
+
+    from dynray.fileio import write_atomic
+    from dynray.registry import default_home
+    from dynray.security.anomaly import train_audit_model, audit_backdoor, audit_labels
+
+    split = load_dataset(cfg.dataset, "train")
+    log.info("auditing %d training samples of %s for poisoning (out-of-fold label audit, then activation clustering) …", len(split.labels), cfg.dataset)
+    labels = audit_labels(split.images, split.labels, split.num_classes, seed=cfg.seed, progress=lambda k, n: log.info("label audit: fold %d/%d", k, n))
+    model = train_audit_model(split.images, split.labels, split.num_classes, epochs=5, seed=cfg.seed)
+    backdoor = audit_backdoor(model, split.images, split.labels, split.num_classes, seed=cfg.seed)
+    flagged = np.union1d(labels.flagged, backdoor.flagged)
+    for r in (labels, backdoor):
+        log.warning("poisoning audit (%s): %d of %d training samples flagged", r.method, len(r.flagged), r.n)
+    path = default_home() / "audits" / f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    body = {"dataset": cfg.dataset, "n": int(split.labels.numel()), "action": cfg.audit_action, "flagged": flagged.tolist(),
+            "labels": {"method": labels.method, "flagged": labels.flagged.tolist(), **labels.detail},
+            "backdoor": {"method": backdoor.method, "flagged": backdoor.flagged.tolist(), **backdoor.detail}}
+    write_atomic(path, json.dumps(body, indent=1))
+    return {"n": body["n"], "flagged": len(flagged), "labels": len(labels.flagged), "backdoor": len(backdoor.flagged), "action": cfg.audit_action,
+            "path": str(path), "indices": tuple(int(i) for i in flagged)}
 
 
 def default_name(dataset: str, arch: str) -> str:
@@ -123,6 +169,9 @@ def default_name(dataset: str, arch: str) -> str:
 def run(cfg: Config, *, finetune: FinetuneConfig | None = None, init_ref: str | None = None) -> Result:
     """Train (or fine-tune ``init_ref``) on the connected Ray and register the model."""
     tcfg = cfg.train_config(finetune)  # bad input fails here, before Ray starts
+    audit = audit_training_split(cfg) if cfg.audit_data else None
+    if audit is not None and cfg.audit_action == "drop":
+        tcfg = replace(tcfg, exclude_train=audit["indices"])
     registry = job_registry()
     init_state = parent = None
     if init_ref is not None:  # fine-tuning starts from a registered model
@@ -133,7 +182,8 @@ def run(cfg: Config, *, finetune: FinetuneConfig | None = None, init_ref: str | 
     connect(num_cpus=max(2, tcfg.workers))
     name = cfg.name or (None if init_ref else default_name(tcfg.dataset, cfg.arch))
     info, outcome = train_and_register(tcfg, registry, name=name, parent=parent, init_state=init_state, val=val)
-    return Result(model=info.ref, metrics=info.meta["metrics"], seconds=outcome.seconds, parent=parent)
+    return Result(model=info.ref, metrics=info.meta["metrics"], seconds=outcome.seconds, parent=parent,
+                  audit={k: v for k, v in audit.items() if k != "indices"} if audit else None)
 
 
 def main(argv: list[str] | None = None, *, prog: str = "python -m jobs.train") -> int:

@@ -33,7 +33,7 @@ from torch import nn
 from dynray.errors import ConfigError
 
 __all__ = ["FLAG_ACTIONS", "FlagAction", "Flag", "squeeze_bits", "AdversarialDetector", "audit_labels", "audit_backdoor",
-           "AuditResult", "ExtractionConfig", "ExtractionDetector"]
+           "AuditResult", "ExtractionConfig", "ExtractionDetector", "exit_probs", "train_audit_model"]
 
 FLAG_ACTIONS = ("log", "throttle", "block")
 FlagAction = Literal["log", "throttle", "block"]
@@ -63,7 +63,8 @@ def squeeze_bits(x: torch.Tensor, bits: int = 1) -> torch.Tensor:
     return torch.round(x * levels) / levels
 
 
-def _probs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+def exit_probs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Softmax of every exit, without gradients."""
     with torch.no_grad():
         outs = model(x)
     outs = outs if isinstance(outs, (list, tuple)) else [outs]
@@ -90,8 +91,8 @@ class AdversarialDetector:
         out: dict[str, list[torch.Tensor]] = {s: [] for s in self.SIGNALS}
         for i in range(0, len(x), self.batch):
             xb = x[i : i + self.batch]
-            raw = _probs(self.model, xb)
-            out["bits1"].append((raw[-1] - _probs(self.model, squeeze_bits(xb, 1))[-1]).abs().sum(1))
+            raw = exit_probs(self.model, xb)
+            out["bits1"].append((raw[-1] - exit_probs(self.model, squeeze_bits(xb, 1))[-1]).abs().sum(1))
             out["exits"].append((raw[0] - raw[-1]).abs().sum(1))
         return {s: torch.cat(v) for s, v in out.items()}
 
@@ -132,7 +133,7 @@ class AuditResult:
         return (hit / len(f) if f else 0.0), (hit / len(t) if t else 1.0)
 
 
-def _train_small(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epochs: int, seed: int, augment: bool = True) -> nn.Module:
+def train_audit_model(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, epochs: int, seed: int, augment: bool = True) -> nn.Module:
     """A default DynamicNet trained in process by the product's own epoch loop (no Ray)."""
     from dynray.data import Split
     from dynray.models import DynamicNetConfig, build
@@ -166,8 +167,8 @@ def audit_labels(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *
     probs = torch.zeros(n, num_classes)
     for k in range(folds):
         train, held = fold != k, fold == k
-        model = _train_small(images[train], labels[train], num_classes, epochs=epochs, seed=seed + k)
-        probs[held] = _probs(model, images[held])[-1]
+        model = train_audit_model(images[train], labels[train], num_classes, epochs=epochs, seed=seed + k)
+        probs[held] = exit_probs(model, images[held])[-1]
         if progress is not None:
             progress(k + 1, folds)
     rows = torch.arange(n)

@@ -8,22 +8,22 @@ import pytest
 import torch
 
 from dynray.errors import ConfigError
-from dynray.security.anomaly import AdversarialDetector, ExtractionConfig, ExtractionDetector, _probs, _train_small, audit_backdoor, audit_labels
+from dynray.security.anomaly import AdversarialDetector, ExtractionConfig, ExtractionDetector, exit_probs, train_audit_model, audit_backdoor, audit_labels
 from dynray.security.attacks import JacobianExtraction, add_backdoor, fgsm, flip_labels, pgd
 
 
 @pytest.fixture(scope="module")
 def victim(mnist5k):
     torch.manual_seed(0)
-    return _train_small(mnist5k["train"].images, mnist5k["train"].labels, 10, epochs=4, seed=0)
+    return train_audit_model(mnist5k["train"].images, mnist5k["train"].labels, 10, epochs=4, seed=0)
 
 
 def test_fgsm_and_pgd_stay_in_the_eps_ball_and_in_range_and_fool_the_model(victim, mnist5k):
     x, y = mnist5k["test"].images[:200], mnist5k["test"].labels[:200]
     for adv in (fgsm(victim, x, y, 0.1), pgd(victim, x, y, 0.1, steps=10)):
         assert float((adv - x).abs().max()) <= 0.1 + 1e-6 and float(adv.min()) >= 0 and float(adv.max()) <= 1
-        clean_acc = float((_probs(victim, x)[-1].argmax(1) == y).float().mean())
-        adv_acc = float((_probs(victim, adv)[-1].argmax(1) == y).float().mean())
+        clean_acc = float((exit_probs(victim, x)[-1].argmax(1) == y).float().mean())
+        adv_acc = float((exit_probs(victim, adv)[-1].argmax(1) == y).float().mean())
         assert adv_acc < clean_acc - 0.3, (clean_acc, adv_acc)  # real attacks, not noise
     with pytest.raises(ConfigError):
         fgsm(victim, x, y, 0.0)
@@ -56,10 +56,10 @@ def test_the_label_audit_finds_flipped_labels(mnist5k):
 def test_activation_clustering_finds_the_backdoor_triggered_samples(mnist5k):
     tr, te = mnist5k["train"], mnist5k["test"]
     x, y, poisoned = add_backdoor(tr.images, tr.labels, 0.05, target=0, seed=1)
-    model = _train_small(x, y, 10, epochs=5, seed=1)
+    model = train_audit_model(x, y, 10, epochs=5, seed=1)
     stamped = te.images[te.labels != 0].clone()
     stamped[:, :, -4:-1, -4:-1] = 1.0
-    assert float((_probs(model, stamped)[-1].argmax(1) == 0).float().mean()) > 0.8  # the backdoor works
+    assert float((exit_probs(model, stamped)[-1].argmax(1) == 0).float().mean()) > 0.8  # the backdoor works
     r = audit_backdoor(model, x, y, 10, seed=1)
     p, rc = r.precision_recall(poisoned.numpy())
     assert p >= 0.9 and rc >= 0.9, (p, rc, r.detail)
@@ -74,7 +74,7 @@ def _normal_clients(det, victim, pool, n_clients, rng):
             idx[n // 2 :] = idx[: n - n // 2]  # retries: exact repeats never count as probing
         for i in range(0, n, 4):
             xb = pool[idx[i : i + 4]]
-            if (f := det.observe(f"normal-{c}", xb, _probs(victim, xb)[-1])) is not None:
+            if (f := det.observe(f"normal-{c}", xb, exit_probs(victim, xb)[-1])) is not None:
                 flags.append(f)
     return flags
 
@@ -83,11 +83,32 @@ def test_the_extraction_detector_flags_a_jacobian_augmentation_client_and_no_nor
     det = ExtractionDetector(ExtractionConfig())
     pool = torch.cat([mnist5k["val"].images, mnist5k["test"].images])
     assert _normal_clients(det, victim, pool, 30, np.random.default_rng(0)) == []
-    attack = JacobianExtraction(lambda q: _probs(victim, q)[-1].argmax(1), lam=0.1, epochs=3, min_steps=50)
+    attack = JacobianExtraction(lambda q: exit_probs(victim, q)[-1].argmax(1), lam=0.1, epochs=3, min_steps=50)
     flag = None
     for xq, _ in attack.rounds(mnist5k["test"].images[:16], 4):
         for i in range(0, len(xq), 4):
-            flag = flag or det.observe("attacker", xq[i : i + 4], _probs(victim, xq[i : i + 4])[-1])
+            flag = flag or det.observe("attacker", xq[i : i + 4], exit_probs(victim, xq[i : i + 4])[-1])
     assert flag is not None and flag.detector == "extraction" and flag.subject == "attacker", det.queries_to_flag("attacker")
     assert det.queries_to_flag("attacker") <= 500 and attack.queries <= 256
     assert "perturb earlier ones" in flag.reason and det.flagged("attacker") and not det.flagged("normal-0")
+
+
+def test_train_audit_data_writes_its_flags_and_drop_leaves_them_out_of_training(tmp_path, monkeypatch):
+    import json
+
+    from dynray.data import load_dataset
+    from dynray.flags import parse
+    from dynray.training import without
+    from jobs.train import Config, audit_training_split
+
+    monkeypatch.setenv("DYNRAY_HOME", str(tmp_path))
+    cfg = parse(Config, ["--audit-data", "--audit-action", "drop"], prog="dynray train")
+    assert cfg.audit_data and cfg.audit_action == "drop"
+    a = audit_training_split(cfg)
+    body = json.loads(open(a["path"]).read())
+    assert a["path"].startswith(str(tmp_path / "audits")) and body["flagged"] == list(a["indices"]) and body["n"] == a["n"] == 3500
+    assert 0 < a["flagged"] < 0.05 * a["n"], a  # real MNIST has a few odd labels; clean data is not flagged wholesale
+    assert set(body["labels"]["flagged"]) | set(body["backdoor"]["flagged"]) == set(body["flagged"])
+    split = load_dataset("mnist-5k", "train")
+    kept = without(split, a["indices"])
+    assert len(kept.labels) == a["n"] - a["flagged"] and cfg.train_config(exclude=a["indices"]).exclude_train == a["indices"]
