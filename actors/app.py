@@ -25,12 +25,11 @@ from starlette.requests import ClientDisconnect
 
 from actors.device import Device
 from actors.expert import ExpertHost
-from actors.keystore import KEYSTORE_ACTOR
-from actors.keystore import NAMESPACE as KEYS_NAMESPACE
-from actors.ratelimiter import RATELIMITER_ACTOR
+from actors.keystore import start_keystore
+from actors.ratelimiter import start_ratelimiter
 from actors.registry import registry_for
 from actors.routing_state import RoutingState
-from dynray.errors import RequestError, ServingError
+from dynray.errors import RequestError
 from dynray.registry import default_home
 from dynray.serving import metrics as M
 from dynray.serving.auth import Gate
@@ -111,18 +110,13 @@ async def _chunks(request: Request):
         raise RequestError("client disconnected before the body was complete", status=400, fix="send the whole body") from None
 
 
-def _gate(args: AppArgs) -> Gate | None:
-    """The ingress's key and rate checks through the key-store and limiter actors (None: auth off)."""
+def _gate(args: AppArgs):
+    """The ingress's key and rate checks through the key-store and limiter actors, and how a
+    detector's flag reaches the limiter: ``(gate, penalise)``, ``(None, None)`` with auth off."""
     if not args.auth.enabled:
-        return None
-    import ray
-
-    try:
-        keys = ray.get_actor(KEYSTORE_ACTOR, namespace=KEYS_NAMESPACE)
-        limiter = ray.get_actor(RATELIMITER_ACTOR, namespace=KEYS_NAMESPACE)
-    except ValueError:
-        raise ServingError("auth is on but the key-store or rate-limiter actor is not running", got=[KEYSTORE_ACTOR, RATELIMITER_ACTOR],
-                           fix="deploy with `dynray serve up` (it starts both), or set auth: {enabled: false} for a trusted network") from None
+        return None, None
+    # running already when `dynray serve up` deployed; started here (on the head) under `serve deploy` or a RayService
+    keys, limiter = start_keystore(args.home), start_ratelimiter()
 
     async def verify(key: str):
         return await keys.verify.remote(key)
@@ -130,7 +124,10 @@ def _gate(args: AppArgs) -> Gate | None:
     async def take(kid: str, rate: float, burst: float):
         return await limiter.take.remote(kid, rate, burst)
 
-    return Gate(verify, take, ttl_s=args.auth.cache_ttl_s, timeout_s=args.auth.timeout_ms / 1000)
+    async def penalise(kid: str, action: str, factor: float, duration_s: float) -> None:
+        await limiter.penalise.remote(kid, action, factor, duration_s)
+
+    return Gate(verify, take, ttl_s=args.auth.cache_ttl_s, timeout_s=args.auth.timeout_ms / 1000), penalise
 
 
 def _replica_id() -> str:
@@ -152,7 +149,8 @@ class Ingress:
         self._edge_coalesced.set_batch_wait_timeout_s(self.args.ingress.coalesce_wait_ms / 1000)
         self.policy = get_policy(self.args.scheduling.policy)
         self.replica = _replica_id()
-        self.core = IngressCore(self.args, _ServeMetrics(), tiers=tuple(t for t, h in self.handles.items() if h is not None), gate=_gate(self.args))
+        gate, penalise = _gate(self.args)
+        self.core = IngressCore(self.args, _ServeMetrics(), tiers=tuple(t for t, h in self.handles.items() if h is not None), gate=gate, penalise=penalise)
         self._status_cache: tuple[float, dict] = (0.0, {})
         self._state = state
         # Serve runs the constructor on the replica's event loop; the sync never blocks a request

@@ -25,6 +25,13 @@ class RateLimiter:
     async def take(self, key: str, rate: float, burst: float) -> Decision:
         return self.buckets.take(key, rate, burst)
 
+    async def penalise(self, key: str, action: str, factor: float = 10.0, duration_s: float = 3600.0) -> None:
+        """A detector flagged ``key``: throttle or block it on every ingress replica."""
+        self.buckets.penalise(key, action, factor=factor, duration_s=duration_s)
+
+    async def penalty(self, key: str) -> str | None:
+        return self.buckets.penalty(key)
+
 
 def start_ratelimiter(*, name: str = RATELIMITER_ACTOR, node_id: str | None = None):
     """The named limiter (started on ``node_id``, default the head, if it is not running)."""

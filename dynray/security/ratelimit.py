@@ -24,6 +24,8 @@ class Decision:
     allowed: bool
     retry_after_s: float
     """Seconds until a token is available (0 when allowed)."""
+    blocked: bool = False
+    """Refused because a detector's flag blocks the key (not for want of tokens)."""
 
     @property
     def retry_after_header(self) -> str:
@@ -32,17 +34,43 @@ class Decision:
 
 
 class Buckets:
-    """One token bucket per key; ``clock`` gives monotonic seconds (injectable for tests)."""
+    """One token bucket per key; ``clock`` gives monotonic seconds (injectable for tests).
+
+    A detector's flag can *penalise* a key (:meth:`penalise`): ``throttle`` makes each of its
+    requests cost ``factor`` tokens, ``block`` refuses it until the penalty ends.
+    """
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:
         self.clock, self.max_keys = clock, max_keys
         self._b: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        self._penalty: dict[str, tuple[str, float, float]] = {}  # key -> (action, factor, until)
+
+    def penalise(self, key: str, action: str, *, factor: float = 10.0, duration_s: float = 3600.0) -> None:
+        """Throttle (each request costs ``factor`` tokens) or block ``key`` for ``duration_s``."""
+        if action not in ("throttle", "block") or factor < 1 or duration_s <= 0:
+            raise ConfigError("a penalty is throttle (factor >= 1) or block, for a positive duration", got={"action": action, "factor": factor, "duration_s": duration_s},
+                              fix="e.g. penalise(key, 'throttle', factor=10, duration_s=3600)")
+        self._penalty[key] = (action, float(factor), self.clock() + duration_s)
+
+    def penalty(self, key: str) -> str | None:
+        """``throttle``, ``block`` or None."""
+        p = self._penalty.get(key)
+        if p is not None and self.clock() >= p[2]:
+            del self._penalty[key]
+            p = None
+        return p[0] if p else None
 
     def take(self, key: str, rate: float, burst: float, n: float = 1.0) -> Decision:
         """Take ``n`` tokens from ``key``'s bucket if it has them."""
         if rate <= 0 or burst < 1 or n <= 0:
             raise ConfigError("a bucket needs rate > 0, burst >= 1 and n > 0", got={"rate": rate, "burst": burst, "n": n}, fix="set the key's limits with `dynray keys create --rate R --burst B`")
         now = self.clock()
+        p = self._penalty.get(key) if self.penalty(key) else None
+        if p is not None and p[0] == "block":
+            return Decision(False, p[2] - now, blocked=True)
+        if p is not None:
+            n *= p[1]
+            burst = max(burst, n)  # a throttled request still fits in a full bucket
         tokens, at = self._b.get(key, (burst, now))
         tokens = min(burst, tokens + (now - at) * rate)
         if tokens >= n:

@@ -6,7 +6,8 @@ returns None (go on) or the :class:`~dynray.serving.ingress.Reply`-shaped refusa
 - no key, or a key that is malformed, unknown, revoked or expired: 401 with
   ``WWW-Authenticate: Bearer``;
 - a valid key without the endpoint's scope: 403;
-- a key over its rate: 429 with ``Retry-After``;
+- a key over its rate: 429 with ``Retry-After``; a key a detector blocked: 403 (a throttled
+  one pays more tokens per request, so it meets its 429 sooner);
 - the key store or the limiter not answering: 503 with ``Retry-After`` (fail closed: an
   outage never lets unauthenticated traffic through).
 
@@ -109,6 +110,9 @@ class Gate:
         except Exception as e:  # noqa: BLE001 - same: without the limiter, no request is counted, so none is answered
             log.warning("rate limiter did not answer (%s: %s); refusing with 503", type(e).__name__, str(e)[:200])
             return _unavailable("the rate limiter is not answering", rid)
+        if d.blocked:
+            return Refusal(403, {"error": f"API key {rec.id} is blocked: a detector flagged its queries as model extraction", "request_id": rid,
+                                 "fix": "ask the operator; `GET /v1/admin/security` lists the flags"})
         if not d.allowed:
             return Refusal(429, {"error": f"rate limit of {rec.rate_per_s:g} requests/s (burst {rec.burst:g}) exceeded for key {rec.id}", "request_id": rid,
                                  "retry_after_s": round(d.retry_after_s, 3)}, {"Retry-After": d.retry_after_header})

@@ -34,6 +34,7 @@ __all__ = [
     "SchedulingArgs",
     "RouterArgs",
     "AuthArgs",
+    "DetectArgs",
     "AppArgs",
     "DeviceUserConfig",
     "IngressUserConfig",
@@ -152,6 +153,17 @@ class AuthArgs(_Strict):
     timeout_ms: float = Field(1000.0, gt=0, description="deadline of a key-store or limiter call; past it the request gets 503 (fail closed)")
 
 
+class DetectArgs(_Strict):
+    """What the ingress watches for, and what a flag does (:mod:`dynray.security.anomaly`)."""
+
+    extraction: bool = Field(True, description="per-key model-extraction detector (needs auth: it follows API keys)")
+    action: Literal["log", "throttle", "block"] = Field("log", description="on a flag: log it (and count it), throttle the key, or block it, on every ingress replica")
+    throttle_factor: float = Field(10.0, ge=1, description="throttle: tokens each request of a flagged key costs")
+    penalty_s: float = Field(3600.0, gt=0, description="how long a throttle or block lasts")
+    window: int = Field(256, ge=8, description="latest queries per key the detector looks at")
+    min_queries: int = Field(64, ge=8, description="no verdict before a key has sent this many (per ingress replica)")
+
+
 # flat names of the 0.x args (``ingress_replicas: 2``) -> their group; the group's field drops the prefix
 _MOVED = {
     **{f"ingress_{f}" if f in ("replicas", "max_ongoing_requests") else f: ("ingress", f) for f in IngressArgs.model_fields},
@@ -167,7 +179,7 @@ class AppArgs(_Strict):
     Grouped the way RLlib groups an algorithm config: the top level says what is served
     (system, models, split, the edge/cloud partition); each group configures one part:
     ``edge``/``cloud`` (:class:`TierArgs`), ``experts``, ``ingress``, ``failover``,
-    ``scheduling``, ``router`` and ``auth``.
+    ``scheduling``, ``router``, ``auth`` and ``detect``.
     """
 
     system: Literal["dynray", "all_cloud", "edge_only", "noop"] = Field("dynray", description="dynray graph, or a baseline")
@@ -185,6 +197,7 @@ class AppArgs(_Strict):
     scheduling: SchedulingArgs = Field(default_factory=SchedulingArgs)
     router: RouterArgs = Field(default_factory=RouterArgs)
     auth: AuthArgs = Field(default_factory=AuthArgs, description="API keys and rate limits (on by default)")
+    detect: DetectArgs = Field(default_factory=DetectArgs, description="attack detectors at the ingress and what their flags do")
 
     @model_validator(mode="before")
     @classmethod

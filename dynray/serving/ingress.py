@@ -8,7 +8,9 @@ Every status an answer can get is decided here, so unit tests cover it:
   answer 503 JSON (``{"error": "not ready ..."}``), never a 500;
 - with a :class:`~dynray.serving.auth.Gate`, every endpoint but health first checks the API
   key and the caller's rate: 401 (no or bad key), 403 (scope), 429 (with Retry-After), 503
-  when the key store or limiter is down;
+  when the key store or limiter is down; each answered request of a key feeds the per-key
+  extraction detector, whose flag is logged, counted (``dynray_security_flags_total``),
+  listed by ``GET /v1/admin/security`` and, as configured, throttles or blocks the key;
 - a client error is its 4xx ``{"error"}``; no tier is 503 with Retry-After; anything
   unexpected is 500 ``{"error": "internal error", "request_id"}``, logged with the id and
   counted under ``dynray_errors_total{status="500"}``;
@@ -19,12 +21,13 @@ Every status an answer can get is decided here, so unit tests cover it:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +38,7 @@ from dynray.routing.costs import RouteCosts
 from dynray.routing.features import CostWeights
 from dynray.routing.policy import find_policy
 from dynray.routing.rules import ROUTERS, RouteContext
+from dynray.security.anomaly import ExtractionConfig, ExtractionDetector
 from dynray.serving import metrics as M
 from dynray.serving.auth import Admitted, Gate, Refusal
 from dynray.serving.config import CLOUD, EDGE, AppArgs, IngressUserConfig
@@ -49,6 +53,7 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 REQUEST_ID_HEADER = "X-Request-Id"
 _PLAIN_ID = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII: safe to log and to send back
+Penalise = Callable[[str, str, float, float], Awaitable[None]]
 _NOT_READY = "not ready: the ingress has no served model versions yet (its first reconfigure has not finished)"
 
 
@@ -131,12 +136,18 @@ def request_id(given: str | None) -> str:
 class IngressCore:
     """The ingress's state and endpoints; ``plan`` is None until the first :meth:`configure`."""
 
-    def __init__(self, args: AppArgs, metrics: M.MetricsSink, *, tiers: tuple[str, ...], gate: Gate | None = None) -> None:
-        """``gate``: API keys and rate limits for every endpoint but health (None: open to anyone)."""
-        self.args, self.metrics, self.tiers, self.gate = args, metrics, tiers, gate
+    def __init__(self, args: AppArgs, metrics: M.MetricsSink, *, tiers: tuple[str, ...], gate: Gate | None = None,
+                 penalise: Penalise | None = None) -> None:
+        """``gate``: API keys and rate limits for every endpoint but health (None: open to anyone).
+        ``penalise(key_id, action, factor, duration_s)``: throttle or block a flagged key on
+        every replica (the limiter actor); the extraction detector runs only with a gate."""
+        self.args, self.metrics, self.tiers, self.gate, self.penalise = args, metrics, tiers, gate, penalise
         self.plan: ServedPlan | None = None
         self.flags: deque[dict] = deque(maxlen=256)
         """The detectors' latest flags on this replica (``GET /v1/admin/security``)."""
+        d = args.detect
+        self.extraction = ExtractionDetector(ExtractionConfig(window=d.window, min_queries=d.min_queries)) if gate is not None and d.extraction else None
+        self._tasks: set[asyncio.Task] = set()
 
     async def admit(self, headers: Mapping[str, str], scope: str, rid: str) -> Admitted | Reply:
         """The gate's verdict on a request: Admitted, or the refusal to send (counted)."""
@@ -182,8 +193,11 @@ class IngressCore:
             route = None if router == "thresholds" else RouteContext(router, plan.orch.load_snapshot(plan.nominal_ms), plan.weights)
             ans = await plan.orch.answer(dec.images, version, route)
             latency_ms = (time.perf_counter() - t0) * 1000
-            out = _answer_body(ans, plan, version, router, latency_ms)
+            probs = torch.softmax(ans.logits, dim=1)
+            out = _answer_body(ans, probs, plan, version, router, latency_ms)
             self._record(plan, version, ans, latency_ms)
+            if who.key_id is not None and self.extraction is not None:
+                self._watch(who.key_id, dec.images, probs, rid)
             return Reply(200, out, ids)
         except RequestError as e:
             self.metrics.inc(M.REJECTED, tags={M.TAG_STATUS: str(e.status)})
@@ -194,6 +208,26 @@ class IngressCore:
             return Reply(503, {"error": e.message, "request_id": rid}, {**ids, "Retry-After": str(RETRY_AFTER_S)})
         except Exception:  # noqa: BLE001 - the catch-all: a bug answers a JSON 500 with the id to quote, never a bare traceback
             return self._internal_error(rid, "predict")
+
+    def _watch(self, key_id: str, images: torch.Tensor, probs: torch.Tensor, rid: str) -> None:
+        """Feed the extraction detector; on a flag: log, count, remember, and act."""
+        flag = self.extraction.observe(key_id, images, probs)
+        if flag is None:
+            return
+        d = self.args.detect
+        log.warning("security flag: %s key %s (score %.2f): %s; action %s (request_id=%s)", flag.detector, key_id, flag.score, flag.reason, d.action, rid)
+        self.metrics.inc(M.FLAGS, tags={M.TAG_DETECTOR: flag.detector, M.TAG_ACTION: d.action})
+        self.flags.append({**flag.to_dict(), "action": d.action, "request_id": rid})
+        if d.action != "log" and self.penalise is not None:
+            task = asyncio.ensure_future(self._apply(key_id, d.action, d.throttle_factor, d.penalty_s))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _apply(self, key_id: str, action: str, factor: float, duration_s: float) -> None:
+        try:
+            await asyncio.wait_for(self.penalise(key_id, action, factor, duration_s), 5.0)
+        except Exception:  # noqa: BLE001 - the flag stays logged and counted; the next flag on this replica (after a restart) retries
+            log.exception("could not %s key %s on the limiter", action, key_id)
 
     def _internal_error(self, rid: str, endpoint: str) -> Reply:
         log.exception("internal error in %s, request_id=%s", endpoint, rid)
@@ -266,14 +300,15 @@ class IngressCore:
             if isinstance(who, Reply):
                 return who
             a = self.args.auth
+            d = self.args.detect
             return Reply(200, {"auth": {"enabled": self.gate is not None, "cache_ttl_s": a.cache_ttl_s, "timeout_ms": a.timeout_ms},
+                               "detect": {"extraction": self.extraction is not None, "action": d.action},
                                "flags": list(self.flags), "request_id": rid}, {REQUEST_ID_HEADER: rid})
         except Exception:  # noqa: BLE001
             return self._internal_error(rid, "security")
 
 
-def _answer_body(ans: Answer, plan: ServedPlan, version: str, router: str, latency_ms: float) -> dict:
-    probs = torch.softmax(ans.logits, dim=1)
+def _answer_body(ans: Answer, probs: torch.Tensor, plan: ServedPlan, version: str, router: str, latency_ms: float) -> dict:
     macs_by_tier = {t: m.double() for t, m in ans.macs.items()}
     total_macs = sum(macs_by_tier.values())
     rerouted = ans.rerouted if ans.rerouted is not None else torch.zeros_like(ans.degraded)

@@ -14,8 +14,8 @@ from typing import Protocol
 from dynray.errors import UnknownNameError
 
 __all__ = [
-    "REQUESTS", "SAMPLES", "ESCALATED", "DEGRADED", "FAILOVERS", "REJECTED", "ERRORS", "LATENCY_MS",
-    "TAG_VERSION", "TAG_PATH", "TAG_STATUS", "TAG_TIER", "LATENCY_BOUNDARIES_MS",
+    "REQUESTS", "SAMPLES", "ESCALATED", "DEGRADED", "FAILOVERS", "REJECTED", "ERRORS", "LATENCY_MS", "FLAGS",
+    "TAG_VERSION", "TAG_PATH", "TAG_STATUS", "TAG_TIER", "TAG_DETECTOR", "TAG_ACTION", "LATENCY_BOUNDARIES_MS",
     "COUNTERS", "HISTOGRAMS", "MetricsSink", "MemoryMetrics",
 ]
 
@@ -27,8 +27,10 @@ FAILOVERS = "dynray_unavailable_total"  # requests answered 503 (no tier reachab
 REJECTED = "dynray_rejected_total"  # 4xx answers, tags: status
 ERRORS = "dynray_errors_total"  # 5xx answers (500 internal error, 503 no tier), tags: status
 LATENCY_MS = "dynray_request_latency_ms"  # ingress-side latency histogram, tags: version
+FLAGS = "dynray_security_flags_total"  # detector flags raised, tags: detector, action
 
 TAG_VERSION, TAG_PATH, TAG_STATUS, TAG_TIER = "model_version", "path", "status", "tier"
+TAG_DETECTOR, TAG_ACTION = "detector", "action"
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -39,6 +41,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     FAILOVERS: ("requests answered 503", ()),
     REJECTED: ("4xx answers", (TAG_STATUS,)),
     ERRORS: ("5xx answers", (TAG_STATUS,)),
+    FLAGS: ("detector flags raised", (TAG_DETECTOR, TAG_ACTION)),
 }
 """name -> (description, tag keys)."""
 HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], list[float]]] = {

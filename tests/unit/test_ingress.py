@@ -147,3 +147,49 @@ def test_request_ids():
         rid = request_id(bad)
         assert rid != bad and len(rid) == 16
     assert request_id(None) != request_id(None)
+
+
+def test_an_extraction_like_key_is_flagged_counted_listed_and_blocked_on_the_limiter(tiny_cnn, tmp_path):
+    from dynray.security.keys import KeyStore
+    from dynray.security.ratelimit import Buckets
+    from dynray.serving.auth import Gate
+
+    store, buckets = KeyStore(tmp_path / "keys.db", b"p" * 32), Buckets()
+
+    async def verify(k):
+        return store.verify(k)
+
+    async def take(kid, rate, burst):
+        return buckets.take(kid, rate, burst)
+
+    async def penalise(kid, action, factor, duration_s):
+        buckets.penalise(kid, action, factor=factor, duration_s=duration_s)
+
+    args = AppArgs.model_validate({"detect": {"action": "block", "window": 32, "min_queries": 16}})
+    core = IngressCore(args, M.MemoryMetrics(), tiers=("edge", "cloud"), gate=Gate(verify, take), penalise=penalise)
+    core.configure(_plan(tiny_cnn))
+    normal, _ = store.create("normal", rate_per_s=1e4)
+    prober, prec = store.create("prober", rate_per_s=1e4)
+    x = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+    def ask(key, img):
+        body = json.dumps(encode_array(img)).encode()
+        return core.predict(_chunks(body), {"content-type": "application/json", "x-api-key": key})
+
+    async def scenario():
+        nonlocal x
+        for _ in range(10):  # below min_queries: no verdict on this key (the untrained model is unsure of everything)
+            assert (await ask(normal, x)).status == 200
+        for i in range(40):  # each query a small step from the last (what Jacobian augmentation sends)
+            x = (x + 0.02 * torch.randn(x.shape, generator=torch.Generator().manual_seed(i + 1)).sign()).clamp(0, 1)
+            r = await ask(prober, x)
+            if r.status != 200:
+                return r, i
+            await asyncio.sleep(0)  # the block reaches the limiter in the background, as on Serve
+        return r, 40
+
+    r, sent = asyncio.run(scenario())
+    assert r.status == 403 and "blocked" in r.body["error"] and sent <= 20, (sent, r.body)
+    assert [f["subject"] for f in core.flags] == [prec.id] and core.flags[0]["action"] == "block"
+    assert core.metrics.count(M.FLAGS, detector="extraction", action="block") == 1
+    assert asyncio.run(ask(normal, x)).status == 200  # only the flagged key is blocked
