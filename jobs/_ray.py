@@ -216,7 +216,11 @@ def start_local_head(resources: Mapping[str, float], *, cwd: str | Path, num_cpu
     env = client_env(create_token=True, extra={HEAD_MARK: tmp, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
     env.pop("RAY_ADDRESS", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(cwd), env.get("PYTHONPATH")) if p)  # import paths of the Serve config
+    # loopback: the job API (the dashboard, which runs code for whoever reaches it) listens on
+    # 127.0.0.1 only, and every address the head advertises is 127.0.0.1. Ray 2.60 still opens
+    # its GCS and raylet ports on all interfaces (no flag binds them); token auth guards those
     cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--include-dashboard=true",
+           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
            f"--resources={json.dumps(dict(resources))}", f"--temp-dir={tmp}", f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}", f"--ray-client-server-port={client}", "--disable-usage-stats",
            f"--num-cpus={num_cpus:g}"]

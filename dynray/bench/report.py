@@ -112,5 +112,7 @@ def format_nas(s: dict) -> str:
 def format_section(section: str, s: dict) -> str:
     """The printer of ``section`` (core for any section without its own)."""
     from dynray.bench.cluster import format_cluster
+    from dynray.bench.security import format_security
 
-    return {"core": format_core, "serve": format_serve, "router": format_router, "moe": format_moe, "nas": format_nas, "cluster": format_cluster}.get(section, format_core)(s)
+    return {"core": format_core, "serve": format_serve, "router": format_router, "moe": format_moe, "nas": format_nas, "cluster": format_cluster,
+            "security": format_security}.get(section, format_core)(s)

@@ -246,6 +246,27 @@ def test_a_failing_job_exits_non_zero_with_its_last_log_lines(cluster):
     assert "FAILED" in p.stderr and "last" in p.stderr and "no-such-model" in p.stderr, p.stderr[-2000:]
 
 
+def test_the_job_api_listens_on_loopback_and_refuses_a_submission_without_the_cluster_token(cluster, tmp_path):
+    """The job-submission API runs any entrypoint for whoever reaches it: no token, no job."""
+    dash, marker = cluster["state"]["dashboard"], tmp_path / "pwned"
+    port = int(dash.rsplit(":", 1)[1])
+    listening = {c.laddr.ip for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert listening == {"127.0.0.1"}, listening
+    job = {"entrypoint": f"touch {marker}"}
+    anon = requests.post(f"{dash}/api/jobs/", json=job, timeout=30)
+    wrong = requests.post(f"{dash}/api/jobs/", json=job, headers={"Authorization": "Bearer not-the-token"}, timeout=30)
+    assert (anon.status_code, wrong.status_code) == (401, 403), (anon.text, wrong.text)
+    # Ray's own CLI from a shell that does not pass the token (no RAY_AUTH_MODE=token)
+    p = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dash, "--no-wait", "--", "touch", str(marker)],
+                       cwd=ROOT, env={**cluster["env"], "PATH": f"{BIN}:/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and ("401" in p.stdout + p.stderr or "nauthorized" in p.stdout + p.stderr), (p.stdout + p.stderr)[-2000:]
+    token = (Path(cluster["env"]["HOME"]) / ".ray" / "auth_token").read_text().strip()
+    ok = requests.post(f"{dash}/api/jobs/", json={"entrypoint": "true"}, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    assert ok.status_code == 200 and ok.json().get("job_id"), ok.text  # the refusals above were for the token, nothing else
+    time.sleep(2)
+    assert not marker.exists()
+
+
 def test_down_stops_every_process_and_leaves_no_state(cluster):
     temp_dir = cluster["state"]["temp_dir"]
     p = _run(["cluster", "down"], cluster["env"], timeout=120)

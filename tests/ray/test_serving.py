@@ -19,6 +19,7 @@ import requests
 import torch
 
 from dynray.data import load_dataset
+from dynray.bench.fuzz import fuzz_ingress
 from dynray.bench.load import LoadConfig, run_load_sync
 from dynray.models import DynamicNetConfig, build
 from dynray.serving.failover import ErrorKind, classify_error
@@ -233,6 +234,14 @@ def test_a_keys_rate_holds_across_both_ingress_replicas_over_http(served):
     assert set(counts) <= {200, 429, -1}, counts
     assert abs(counts.get(200, 0) - 110) <= 11, counts
     assert all(r.retry_after for r in res.records if r.status == 429)
+
+
+def test_fuzzing_the_ingress_from_its_openapi_schema_gets_no_5xx_and_it_keeps_serving(served):
+    res = fuzz_ingress(served["url"], key=served["key"], cases=300, seed=0)
+    assert res.cases == 300 and res.n_5xx == 0, res.five_xx[:5]
+    # the draws reached every layer: refused keys, refused bodies, and real answers
+    assert res.healthy_after and {200, 401}.issubset(res.status) and res.status.keys() & {400, 415, 422}, res.status
+    assert _post(served, encode_array(torch.zeros(1, 1, 28, 28))).status_code == 200
 
 
 def _chunked_post_until_answered(port: int, key: str, total: int, rate: float, chunk: int = 64 * 1024) -> tuple[int, bytes, int]:

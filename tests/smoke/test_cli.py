@@ -166,7 +166,8 @@ def _models(env: dict) -> list[str]:
         (["bench", "core", "--model", "dynnet-mnist-5k:v9", "--json", "x.json"], "unknown version"),
         (["calibrate", "--model", "dynnet-mnist-5k:v1", "--macs-budget", "10"], "MAC budget"),
         (["calibrate", "--model", "dynnet-mnist-5k:v1", "--max-drop", "-1"], "impossible"),
-        (["bench", "security", "--json", "x.json"], "unknown bench section"),
+        (["bench", "drift", "--json", "x.json"], "unknown bench section"),
+        (["bench", "security", "--json", "x.json", "--seeds"], "--seeds"),
         (["bench", "core", "--json", "x.json", "--bogus", "1"], "Unrecognized options: --bogus"),
         (["train", "--epochs", "many"], "--epochs"),
         (["frobnicate"], "unknown command"),
@@ -215,6 +216,19 @@ def test_bench_serve_small(chain, out_dir):
     assert s["chaos"]["answered"] == s["chaos"]["requests"] == 150 and s["chaos"]["errors"] == 0
     k = s["ingress_kill"]  # one of the two ingress replicas killed under load
     assert k["killed"] and k["kills_during_load"] and k["answered"] == k["requests"] == 150
+
+
+def test_bench_security_small_writes_every_contract_key(chain, out_dir):
+    p = _ok(chain["bench_security"])
+    s = json.loads((out_dir / "security.json").read_text())["security"]
+    for k in ("fgsm_detection_rate", "fgsm_fpr", "poison_precision", "poison_recall", "extraction_queries_to_flag", "extraction_false_flags",
+              "ratelimit_error_frac", "fuzz_cases", "fuzz_5xx"):
+        assert k in s, k
+    assert 0 <= s["fgsm_fpr"] <= 0.2 and s["fgsm_detection_rate"] > 0.5 and s["poison_precision"] > 0.5 and s["poison_recall"] > 0.5
+    assert s["fuzz_cases"] == 40 and s["fuzz_5xx"] == 0 and s["fuzz"]["healthy_after"]
+    assert s["extraction_queries_to_flag"] is not None and s["extraction_false_flags"] == 0  # refused, over HTTP, by the ingress's detector
+    assert s["ratelimit"]["allowed"] > 0 and s["ratelimit"]["status"].get("429", 0) > 0 and s["ratelimit_error_frac"] < 0.5
+    assert Path(s["plot"]).exists() and "FGSM eps=0.1" in p.stdout
 
 
 def test_bench_router_uses_the_demo_router(chain, out_dir):
