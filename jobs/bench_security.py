@@ -11,8 +11,8 @@ app as shipped (auth on, two ingress replicas) with the extraction detector set 
   how many normal keys ever are;
 - one key hammered at concurrency 16 for ``--ratelimit-s`` seconds: the 2xx count against
   ``burst + rate x seconds`` across both replicas;
-- the same load with a no-limit key, with auth on and then off: the per-request overhead of
-  the key check and the global limiter;
+- one request at a time with a no-limit key, auth on, off, on, off: the per-request overhead
+  of the key check and the global limiter; and the limiter's round trip from an actor;
 - ``--fuzz-cases`` requests drawn from the ingress's OpenAPI schema (:mod:`dynray.bench.fuzz`).
 
     python -m jobs.bench_security --dataset mnist-5k --json out/bench.json
@@ -54,13 +54,14 @@ log = logging.getLogger(__name__)
 class Config(BenchTarget):
     """Measure the detectors, the global rate limit, the auth overhead and the fuzz run; merge the "security" section."""
 
-    seeds: tuple[int, ...] = (0, 1, 2)
-    """Seeds of the adversarial calibration splits and of the poisoning runs (a target holds only if it holds for each)."""
+    seeds: tuple[int, ...] = (6, 7, 8)
+    """Seeds of the adversarial data splits and of the poisoning runs (a target holds only if it holds for each).
+    The detectors' settings were chosen on seeds 0-5; the defaults report seeds they were not chosen on."""
     attack_n: int = 500
     """Images attacked per seed."""
-    calibrate_fpr: float = 0.04
-    """False-positive rate the adversarial detector's threshold is set to on the calibration half
-    (below the 5% target, which the held-out half must meet despite sampling error)."""
+    calibrate_fpr: float = 0.03
+    """False-positive rate the adversarial detector's threshold is set to on its calibration
+    set (below the 5% target, which the held-out half must meet despite sampling error)."""
     normal_clients: int = 100
     """Normal clients (one API key each) sending test images over HTTP."""
     extraction_rounds: int = 5
@@ -69,16 +70,20 @@ class Config(BenchTarget):
     """Requests/s of the rate-limited key."""
     ratelimit_s: float = 5.0
     """How long that key is hammered."""
-    overhead_requests: int = 400
-    """Requests per run of the auth-overhead comparison."""
+    overhead_requests: int = 200
+    """Requests per run of the auth-overhead comparison (one request at a time)."""
+    overhead_runs: int = 4
+    """Runs of that comparison, alternating auth on and off (even, >= 2)."""
     fuzz_cases: int = 300
     """Requests drawn from the OpenAPI schema."""
     http: bool = True
     """Deploy and run the HTTP parts (--no-http: the offline detectors only)."""
 
     def __post_init__(self) -> None:
+        if self.overhead_runs < 2 or self.overhead_runs % 2:
+            raise ConfigError("--overhead-runs must be even and >= 2 (auth on and off alternate)", got=self.overhead_runs, fix="e.g. --overhead-runs 4")
         if not 0 < self.calibrate_fpr < 1:
-            raise ConfigError("--calibrate-fpr must be within (0, 1)", got=self.calibrate_fpr, fix="e.g. --calibrate-fpr 0.04")
+            raise ConfigError("--calibrate-fpr must be within (0, 1)", got=self.calibrate_fpr, fix="e.g. --calibrate-fpr 0.03")
         if not self.seeds or self.attack_n < 10 or self.normal_clients < 1 or self.ratelimit_rate <= 0 or self.ratelimit_s <= 0 or self.fuzz_cases < 1:
             raise ConfigError("--seeds must be given; --attack-n >= 10; clients, rate, seconds and fuzz cases > 0",
                               got={"seeds": self.seeds, "attack_n": self.attack_n}, fix="e.g. --seeds 0 1 2 --attack-n 500")
@@ -140,6 +145,39 @@ def _extraction(url: str, key: str, seeds: torch.Tensor, rounds: int, test: torc
     return {"queries_answered": sent["n"], "queries_to_flag": sent["refused_at"], "substitute_accuracy": acc}
 
 
+def _limiter_round_trip(calls: int = 200) -> dict:
+    """p50/p99 ms of one ``take`` on the named limiter from an async actor (as an ingress
+    replica calls it), alone and with 8 calls in flight."""
+    import asyncio
+    import time
+
+    import ray
+
+    from actors.ratelimiter import start_ratelimiter
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        async def run(self, limiter, n: int, conc: int) -> list[float]:
+            lat: list[float] = []
+
+            async def one() -> None:
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    await limiter.take.remote("bench-probe", 1e9, 1e9)
+                    lat.append((time.perf_counter() - t0) * 1000)
+
+            await asyncio.gather(*(one() for _ in range(conc)))
+            return lat
+
+    limiter, probe = start_ratelimiter(), Probe.remote()
+    out = {}
+    for conc in (1, 8):
+        lat = ray.get(probe.run.remote(limiter, calls // conc, conc))
+        out[f"concurrency_{conc}"] = {"p50_ms": round(float(np.percentile(lat, 50)), 3), "p99_ms": round(float(np.percentile(lat, 99)), 3)}
+    ray.kill(probe)
+    return out
+
+
 def _http_parts(cfg: Config, info, reg: ModelRegistry, test) -> dict:
     from actors import serve_apps as D
 
@@ -183,16 +221,20 @@ def _http_parts(cfg: Config, info, reg: ModelRegistry, test) -> dict:
                             "error_frac": round(abs(ok - expected) / expected, 4), "status": {str(k): v for k, v in res.status_counts().items()}, "replicas": 2}
         log.info("rate limit: %d allowed vs %.1f expected (%.1f%%)", ok, expected, 100 * out["ratelimit"]["error_frac"])
 
+        out["limiter_round_trip"] = _limiter_round_trip()
+        log.info("limiter round trip from an async actor: %s", out["limiter_round_trip"])
         fast = key("bench-overhead")
-        lat = {}
-        for auth in (True, False):
-            if not auth:
-                app_cfg["applications"][0]["args"]["auth"] = {"enabled": False}
-                D.deploy(app_cfg, timeout_s=240)
-            r = run_load_sync(LoadConfig(url=url, requests=cfg.overhead_requests, concurrency=8, warmup=50, api_key=fast if auth else None), lambda i: bodies[i % 64])
-            lat["on" if auth else "off"] = {"p50_ms": round(r.p50_ms, 2), "p99_ms": round(r.p99_ms, 2), "rps": round(r.rps, 1), "errors": r.errors}
-        out["auth_overhead"] = {**lat, "p50_ms_added": round(lat["on"]["p50_ms"] - lat["off"]["p50_ms"], 2), "requests": cfg.overhead_requests, "concurrency": 8}
-        log.info("auth overhead: p50 %.2f ms with auth, %.2f ms without", lat["on"]["p50_ms"], lat["off"]["p50_ms"])
+        runs = []
+        for auth in [True, False] * (cfg.overhead_runs // 2):  # alternated: a run's p50 moves by ~10% with whatever else the 2 cores do
+            app_cfg["applications"][0]["args"]["auth"] = {"enabled": auth}
+            D.deploy(app_cfg, timeout_s=240)
+            r = run_load_sync(LoadConfig(url=url, requests=cfg.overhead_requests, concurrency=1, warmup=30, api_key=fast if auth else None), lambda i: bodies[i % 64])
+            runs.append({"auth": auth, "p50_ms": round(r.p50_ms, 2), "p99_ms": round(r.p99_ms, 2), "errors": r.errors})
+        on = float(np.mean([r["p50_ms"] for r in runs if r["auth"]]))
+        off = float(np.mean([r["p50_ms"] for r in runs if not r["auth"]]))
+        out["auth_overhead"] = {"runs": runs, "on_p50_ms": round(on, 2), "off_p50_ms": round(off, 2), "p50_ms_added": round(on - off, 2),
+                                "requests": cfg.overhead_requests, "concurrency": 1}
+        log.info("auth overhead: p50 %.2f ms with auth, %.2f ms without (concurrency 1, mean of %d runs each)", on, off, cfg.overhead_runs // 2)
     finally:
         D.shutdown()
         for kid in made:

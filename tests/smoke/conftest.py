@@ -35,7 +35,7 @@ def chain_steps(o: Path) -> list[tuple[str, str, list[str]]]:
         # edge_only is all_cloud's deploy path on the other tier
         # the security bench end to end at a small size: one seed, a few clients, a short fuzz run
         ("bench_security", "dynray", ["bench", "security", "--seeds", "0", "--attack-n", "60", "--normal-clients", "4", "--extraction-rounds", "5",
-                                      "--ratelimit-s", "2", "--overhead-requests", "40", "--fuzz-cases", "40", "--json", str(o / "security.json")]),
+                                      "--ratelimit-s", "2", "--overhead-requests", "40", "--overhead-runs", "2", "--fuzz-cases", "40", "--json", str(o / "security.json")]),
         ("bench_serve", "module", ["jobs.bench", "serve", "--json", str(o / "serve.json"), "--requests", "60", "--warmup", "5", "--concurrency", "4",
                                    "--chaos-requests", "150", "--light-requests", "20", "--autoscale-requests", "0", "--systems", "noop", "dynray", "all_cloud"]),
     ]

@@ -112,3 +112,16 @@ def test_train_audit_data_writes_its_flags_and_drop_leaves_them_out_of_training(
     split = load_dataset("mnist-5k", "train")
     kept = without(split, a["indices"])
     assert len(kept.labels) == a["n"] - a["flagged"] and cfg.train_config(exclude=a["indices"]).exclude_train == a["indices"]
+
+
+def test_the_fitted_detector_learns_from_fgsm_and_still_catches_pgd_at_its_calibrated_rate(victim, mnist5k):
+    val, test = mnist5k["val"], mnist5k["test"]
+    det = AdversarialDetector(victim)
+    fit_x, fit_y = val.images[:150], val.labels[:150]
+    det.fit(fit_x, torch.cat([fgsm(victim, fit_x, fit_y, e) for e in (0.05, 0.1, 0.2)]))
+    assert det.threshold is None
+    det.calibrate(val.images[150:], fpr=0.05)  # clean inputs the fit never saw
+    x, y = test.images[:300], test.labels[:300]
+    fpr = float(det.flag(test.images[300:]).float().mean())
+    fgsm_rate, pgd_rate = float(det.flag(fgsm(victim, x, y, 0.1)).float().mean()), float(det.flag(pgd(victim, x, y, 0.1, steps=10)).float().mean())
+    assert fpr <= 0.10 and fgsm_rate >= 0.8 and pgd_rate >= 0.75, (fpr, fgsm_rate, pgd_rate)
