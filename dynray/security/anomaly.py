@@ -266,16 +266,36 @@ class ExtractionConfig:
 
 
 class _KeyState:
+    """One key's window: its latest inputs in a ring buffer, and a verdict per query."""
+
     def __init__(self, window: int) -> None:
-        self.inputs: deque[torch.Tensor] = deque(maxlen=window)
+        self.window = window
+        self.buf: torch.Tensor | None = None  # [window, d] float64, made on the first query
+        self.filled = self.pos = 0
         self.near_boundary: deque[bool] = deque(maxlen=window)
         self.perturbed: deque[bool] = deque(maxlen=window)
         self.total = 0
         self.flagged_at: int | None = None
 
+    def push(self, x: torch.Tensor) -> None:
+        if self.buf is None:
+            self.buf = torch.zeros(self.window, x.shape[1], dtype=torch.float64)
+        for row in x[-self.window :]:
+            self.buf[self.pos] = row
+            self.pos = (self.pos + 1) % self.window
+            self.filled = min(self.filled + 1, self.window)
+
+
+_REPEAT_RMS = 1e-4
+"""Closer than this (RMS per pooled pixel) is the same input sent again, not a perturbation."""
+
 
 class ExtractionDetector:
-    """Per-key query statistics (see the module doc); :meth:`observe` after each answer."""
+    """Per-key query statistics (see the module doc); :meth:`observe` after each answer.
+
+    It runs on the ingress's event loop, so one request costs one distance matrix against the
+    key's window (``B x window`` pooled inputs), not a pass per sample.
+    """
 
     def __init__(self, cfg: ExtractionConfig = ExtractionConfig(), *, max_keys: int = 10_000) -> None:
         self.cfg, self.max_keys = cfg, max_keys
@@ -290,19 +310,20 @@ class ExtractionDetector:
             if len(self._keys) >= self.max_keys:
                 self._keys.pop(next(iter(self._keys)))
             st = self._keys[key] = _KeyState(cfg.window)
-        x = F.avg_pool2d(inputs.float(), cfg.downsample).flatten(1) if cfg.downsample > 1 else inputs.float().flatten(1)
+        x = (F.avg_pool2d(inputs.float(), cfg.downsample) if cfg.downsample > 1 else inputs.float()).flatten(1).double()
+        scale = x.shape[1] ** 0.5
         top2 = probs.float().topk(min(2, probs.shape[1]), dim=1).values
         margins = top2[:, 0] - (top2[:, 1] if top2.shape[1] > 1 else 0)
-        for xi, m in zip(x, margins, strict=True):
-            if st.inputs:
-                d = torch.cdist(xi[None], torch.stack(list(st.inputs)), compute_mode="donot_use_mm_for_euclid_dist")[0] / xi.numel() ** 0.5  # exact: repeats are 0
-                repeat = bool((d < 1e-6).any())
-                st.perturbed.append((not repeat) and bool((d < cfg.near).any()))
-            else:
-                st.perturbed.append(False)
-            st.near_boundary.append(bool(m < cfg.margin))
-            st.inputs.append(xi)
-            st.total += 1
+        # each query against the window so far and the earlier queries of its own request
+        within = torch.cdist(x, x) / scale
+        within.masked_fill_(~torch.ones_like(within, dtype=torch.bool).tril(-1), float("inf"))
+        dists = torch.cat([torch.cdist(x, st.buf[: st.filled]) / scale, within], dim=1) if st.filled else within
+        repeat = (dists < _REPEAT_RMS).any(dim=1)
+        perturbed = ~repeat & (dists < cfg.near).any(dim=1)
+        st.perturbed.extend(perturbed.tolist())
+        st.near_boundary.extend((margins < cfg.margin).tolist())
+        st.push(x)
+        st.total += len(x)
         if st.flagged_at is not None or st.total < cfg.min_queries:
             return None
         b, p = float(np.mean(st.near_boundary)), float(np.mean(st.perturbed))
