@@ -10,10 +10,11 @@
   is flagged as mislabelled; :func:`audit_backdoor` (activation clustering, Chen
   et al. 2019): a class whose penultimate activations split into a small, well-separated
   cluster has that cluster flagged as trigger-poisoned.
-- :class:`ExtractionDetector`: per API key, over its latest queries, the share of answers
-  near a decision boundary and the share of queries that are small perturbations of the
-  key's earlier queries (what Jacobian-based augmentation and other synthetic-query attacks
-  send; cf. PRADA, Juuti et al. 2019). Exact repeats (retries) do not count.
+- :class:`ExtractionDetector`: per API key, over its latest queries, the share of queries
+  that are small perturbations of the key's earlier queries (what Jacobian-based
+  augmentation and other synthetic-query attacks send; cf. PRADA, Juuti et al. 2019; exact
+  repeats, i.e. retries, do not count) and, optionally, the share of answers near a decision
+  boundary.
 
 Every detector returns flags; what happens on a flag (log, throttle, block) is the caller's
 :class:`FlagAction`, and :class:`Flag` is what goes to the logs and metrics.
@@ -251,8 +252,11 @@ class ExtractionConfig:
     """No verdict before a key has sent this many."""
     margin: float = 0.5
     """An answer whose top-two probabilities are closer than this is near a boundary."""
-    boundary_share: float = 0.35
-    """Flag when more of the window than this is near a boundary..."""
+    boundary_share: float | None = None
+    """Flag when more of the window than this is near a boundary (None: off). Off by default:
+    the share is absolute and depends on the model. Normal clients of the demo's 20-epoch
+    model stay under 16%, but a 1-epoch mnist-5k model answers 89% of clean test images
+    within 0.5 of a boundary, and a limit of 0.35 flagged every normal client of it..."""
     near: float = 0.12
     """...or when more than ``perturbed_share`` of the queries are within this RMS pixel
     distance of an earlier query of the same key (and not an exact repeat)."""
@@ -327,10 +331,12 @@ class ExtractionDetector:
         if st.flagged_at is not None or st.total < cfg.min_queries:
             return None
         b, p = float(np.mean(st.near_boundary)), float(np.mean(st.perturbed))
-        if b > cfg.boundary_share or p > cfg.perturbed_share:
+        limit_b = cfg.boundary_share if cfg.boundary_share is not None else float("inf")
+        if b > limit_b or p > cfg.perturbed_share:
             st.flagged_at = st.total
-            why = f"{b:.0%} of its last {len(st.near_boundary)} answers near a boundary (limit {cfg.boundary_share:.0%}); {p:.0%} of its queries perturb earlier ones (limit {cfg.perturbed_share:.0%})"
-            return Flag("extraction", key, max(b / cfg.boundary_share, p / cfg.perturbed_share), why)
+            why = (f"{p:.0%} of its last {len(st.perturbed)} queries perturb earlier ones (limit {cfg.perturbed_share:.0%}); "
+                   f"{b:.0%} of its answers near a boundary" + (f" (limit {limit_b:.0%})" if cfg.boundary_share is not None else ""))
+            return Flag("extraction", key, max(b / limit_b, p / cfg.perturbed_share), why)
         return None
 
     def flagged(self, key: str) -> bool:

@@ -162,6 +162,8 @@ class DetectArgs(_Strict):
     penalty_s: float = Field(3600.0, gt=0, description="how long a throttle or block lasts")
     window: int = Field(256, ge=8, description="latest queries per key the detector looks at")
     min_queries: int = Field(64, ge=8, description="no verdict before a key has sent this many (per ingress replica)")
+    boundary_share: float | None = Field(None, gt=0, le=1, description="also flag a key when more of its window than this was answered near a decision boundary (None: off; the share depends on how confident the model is)")
+    perturbed_share: float = Field(0.3, gt=0, le=1, description="...or when more than this were small perturbations of its earlier queries")
 
 
 # flat names of the 0.x args (``ingress_replicas: 2``) -> their group; the group's field drops the prefix

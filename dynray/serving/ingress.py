@@ -146,7 +146,8 @@ class IngressCore:
         self.flags: deque[dict] = deque(maxlen=256)
         """The detectors' latest flags on this replica (``GET /v1/admin/security``)."""
         d = args.detect
-        self.extraction = ExtractionDetector(ExtractionConfig(window=d.window, min_queries=d.min_queries)) if gate is not None and d.extraction else None
+        self.extraction = ExtractionDetector(ExtractionConfig(window=d.window, min_queries=d.min_queries, boundary_share=d.boundary_share,
+                                                                 perturbed_share=d.perturbed_share)) if gate is not None and d.extraction else None
         self._tasks: set[asyncio.Task] = set()
 
     async def admit(self, headers: Mapping[str, str], scope: str, rid: str) -> Admitted | Reply:
