@@ -217,8 +217,12 @@ def _http_parts(cfg: Config, info, reg: ModelRegistry, test) -> dict:
         bodies = [encode_array(pool[i : i + 1], dtype="float32") for i in range(64)]
         res = run_load_sync(LoadConfig(url=url, requests=1_000_000, concurrency=16, timeout_s=30, max_duration_s=cfg.ratelimit_s, api_key=limited), lambda i: bodies[i % 64])
         ok, expected = sum(r.ok for r in res.records), cfg.ratelimit_rate + cfg.ratelimit_rate * res.wall_s
+        offered = len(res.records) / res.wall_s if res.wall_s > 0 else 0.0
         out["ratelimit"] = {"rate": cfg.ratelimit_rate, "burst": cfg.ratelimit_rate, "seconds": round(res.wall_s, 3), "allowed": ok, "expected": round(expected, 1),
-                            "error_frac": round(abs(ok - expected) / expected, 4), "status": {str(k): v for k, v in res.status_counts().items()}, "replicas": 2}
+                            "error_frac": round(abs(ok - expected) / expected, 4), "status": {str(k): v for k, v in res.status_counts().items()}, "replicas": 2,
+                            "offered_rps": round(offered, 1)}
+        if not res.status_counts().get(429):
+            log.warning("the load (%.0f req/s) never went over the key's rate (%.0f/s): the rate-limit number measures nothing; lower --ratelimit-rate", offered, cfg.ratelimit_rate)
         log.info("rate limit: %d allowed vs %.1f expected (%.1f%%)", ok, expected, 100 * out["ratelimit"]["error_frac"])
 
         out["limiter_round_trip"] = _limiter_round_trip()

@@ -33,9 +33,10 @@ def chain_steps(o: Path) -> list[tuple[str, str, list[str]]]:
         ("bench_nas", "dynray", ["bench", "nas", "--dataset", "mnist-5k", *NAS_TINY, "--json", str(o / "nas_run" / "b.json")]),
         ("bench_router", "dynray", ["bench", "router", "--shift-requests", "400", "--json", str(o / "router.json")]),
         # edge_only is all_cloud's deploy path on the other tier
-        # the security bench end to end at a small size: one seed, a few clients, a short fuzz run
+        # the security bench end to end at a small size: one seed, a few clients, a short fuzz run,
+        # a rate low enough that CI's slow load still goes over it
         ("bench_security", "dynray", ["bench", "security", "--seeds", "0", "--attack-n", "60", "--normal-clients", "4", "--extraction-rounds", "5",
-                                      "--ratelimit-s", "2", "--overhead-requests", "40", "--overhead-runs", "2", "--fuzz-cases", "40", "--json", str(o / "security.json")]),
+                                      "--ratelimit-rate", "5", "--ratelimit-s", "2", "--overhead-requests", "40", "--overhead-runs", "2", "--fuzz-cases", "40", "--json", str(o / "security.json")]),
         ("bench_serve", "module", ["jobs.bench", "serve", "--json", str(o / "serve.json"), "--requests", "60", "--warmup", "5", "--concurrency", "4",
                                    "--chaos-requests", "150", "--light-requests", "20", "--autoscale-requests", "0", "--systems", "noop", "dynray", "all_cloud"]),
     ]
