@@ -163,8 +163,12 @@ def test_killing_an_edge_nodes_raylet_under_load_loses_no_request_and_the_node_i
     assert out["node"]["node_replaced_s"] is not None and out["recovery_s"] <= 90, out
     types = _alive_types(cluster["env"])
     assert types.get("edge.worker", 0) >= 1, types
-    replicas = json.loads(_run(["serve", "status"], cluster["env"], timeout=60).stdout)["replicas"]
-    assert len(replicas["Edge"]) == 2 and out["node"]["node_id"] not in {r["node_id"] for r in replicas["Edge"]}, replicas
+    # the edge tier (autoscaling 2..4) may hold a third replica for a while after the burst of
+    # failovers (seen once in CI): what must hold is that none is left on the dead node
+    def moved():
+        reps = json.loads(_run(["serve", "status"], cluster["env"], timeout=60).stdout)["replicas"]
+        return reps if len(reps["Edge"]) >= 2 and out["node"]["node_id"] not in {r["node_id"] for r in reps["Edge"]} else None
+    assert _wait_for(moved, 60, step_s=2), json.loads(_run(["serve", "status"], cluster["env"], timeout=60).stdout)["replicas"]
 
 
 AUTOSCALE = """
