@@ -62,6 +62,15 @@ def _wait_for(pred, timeout_s: float, step_s: float = 1.0):
     return pred()
 
 
+def _last_json(stdout: str) -> dict:
+    """The script's JSON line: the last line that is a JSON object (a raylet's log line can
+    land on the driver's stdout after it, as once in CI)."""
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise AssertionError(f"no JSON line in the script's output: {stdout[-2000:]}")
+
+
 def _head_procs(temp_dir: str) -> list[int]:
     out = []
     for p in psutil.process_iter():
@@ -150,7 +159,7 @@ def test_killing_an_edge_nodes_raylet_under_load_loses_no_request_and_the_node_i
     url = json.loads(_run(["serve", "status"], cluster["env"], timeout=60).stdout)["url"] + "/v1/predict"
     p = subprocess.run([sys.executable, "-c", NODE_KILL, state["address"], state["auth_mode"], url, cluster["key"]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out = _last_json(p.stdout)
     print("node kill:", {k: out[k] for k in ("requests", "answered", "answered_no_retry", "errors", "recovery_s", "answered_by_tier", "node")})
     assert out["kills_during_load"] and out["node"]["replicas_on_it"] >= 1, out
     # with one client retry every request is answered; at the first try a few requests in
@@ -199,7 +208,7 @@ def test_serve_replica_autoscaling_follows_a_burst_and_drives_node_scaling_up_an
     p = subprocess.run([sys.executable, "-c", AUTOSCALE, state["address"], state["auth_mode"], url, str(cluster["home"] / "serve.json"), str(state["spec"]["idle_timeout_s"]), cluster["key"]],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    a = json.loads(p.stdout.strip().splitlines()[-1])
+    a = _last_json(p.stdout)
     print("autoscale:", a)
     assert (a["replicas_start"], a["replicas_peak"], a["nodes_start"], a["nodes_peak"]) == (1, 3, 1, 2), a
     assert a["up_s"] is not None and a["down_s"] is not None, a
