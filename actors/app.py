@@ -20,12 +20,12 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Counter, Histogram
 from starlette.requests import ClientDisconnect
 
 from actors.device import Device
 from actors.expert import ExpertHost
 from actors.keystore import start_keystore
+from actors.metrics import RaySink
 from actors.ratelimiter import start_ratelimiter
 from actors.registry import registry_for
 from actors.routing_state import RoutingState
@@ -74,25 +74,23 @@ def _device_call(handle: DeploymentHandle) -> DeviceCall:
     return call
 
 
+def _timed(tier: str, call: DeviceCall, metrics: RaySink) -> DeviceCall:
+    """``call``, with the latency of each one that answers recorded as the ingress saw it."""
+
+    async def timed(req):
+        t0 = time.perf_counter()
+        reply = await call(req)
+        metrics.observe(M.TIER_LATENCY_MS, (time.perf_counter() - t0) * 1000, tags={M.TAG_TIER: tier})
+        return reply
+
+    return timed
+
+
 class _Failed:
     """One coalesced group's device call failed: every request in it gets this error."""
 
     def __init__(self, error: BaseException) -> None:
         self.error = error if isinstance(error, Exception) else RuntimeError(f"edge call ended with {type(error).__name__}")
-
-
-class _ServeMetrics:
-    """``dynray.serving.metrics.MetricsSink`` on ``ray.serve.metrics`` (exported as ``ray_<name>``)."""
-
-    def __init__(self) -> None:
-        self._c = {n: Counter(n, description=d, tag_keys=k) for n, (d, k) in M.COUNTERS.items()}
-        self._h = {n: Histogram(n, description=d, boundaries=b, tag_keys=k) for n, (d, k, b) in M.HISTOGRAMS.items()}
-
-    def inc(self, name: str, value: float = 1.0, tags=None) -> None:
-        self._c[name].inc(value, tags=dict(tags) if tags else None)
-
-    def observe(self, name: str, value: float, tags=None) -> None:
-        self._h[name].observe(value, tags=dict(tags) if tags else None)
 
 
 def _respond(reply: Reply) -> JSONResponse:
@@ -150,7 +148,8 @@ class Ingress:
         self.policy = get_policy(self.args.scheduling.policy)
         self.replica = _replica_id()
         gate, penalise = _gate(self.args)
-        self.core = IngressCore(self.args, _ServeMetrics(), tiers=tuple(t for t, h in self.handles.items() if h is not None), gate=gate, penalise=penalise)
+        self.metrics = RaySink()
+        self.core = IngressCore(self.args, self.metrics, tiers=tuple(t for t, h in self.handles.items() if h is not None), gate=gate, penalise=penalise)
         self._status_cache: tuple[float, dict] = (0.0, {})
         self._state = state
         # Serve runs the constructor on the replica's event loop; the sync never blocks a request
@@ -159,7 +158,9 @@ class Ingress:
     def reconfigure(self, user_config: dict) -> None:
         """New versions or split: resolve refs, check they agree, rebuild the plan (no restart)."""
         cfg = IngressUserConfig(**user_config)
-        plan = build_plan(self.args, cfg, self.policy, edge=self._edge if self._edge_call else None, cloud=self._cloud_call, origin=self.replica,
+        edge = _timed("edge", self._edge, self.metrics) if self._edge_call else None
+        cloud = _timed("cloud", self._cloud_call, self.metrics) if self._cloud_call else None
+        plan = build_plan(self.args, cfg, self.policy, edge=edge, cloud=cloud, origin=self.replica,
                           previous=self.core.plan, registry=registry_for(self.args.registry, cfg.home or self.args.home))
         self.core.configure(plan)
 

@@ -27,8 +27,10 @@ import torch
 from ray import serve
 
 from actors.expert import attach_remote_experts
+from actors.metrics import RaySink
 from actors.registry import registry_for
 from dynray.errors import RegistryError, ServingError
+from dynray.serving import metrics as M
 from dynray.serving.partition import DeviceReply, DeviceRequest, StageRange, StageResult, group_requests, run_stages, split_result
 from dynray.routing.hybrid import HybridConfig, HybridRouter
 from dynray.routing.policy import PolicyNet, find_policy, load_policy
@@ -85,6 +87,7 @@ class Device:
         self.expert_hosts = list(experts or [])  # remote MoE experts (Serve handles or actors); [] = local
         self.expert_timeout_s = expert_timeout_ms / 1000
         self.replica, self._in_serve = _replica_id()
+        self.metrics = RaySink()
         if self._in_serve:  # @serve.batch needs a replica context; plain actors batch per call
             self._batched.set_max_batch_size(max_batch_size)
             self._batched.set_batch_wait_timeout_s(batch_wait_ms / 1000)
@@ -140,7 +143,9 @@ class Device:
             if self.simulate:
                 await asyncio.sleep(self.profile.rtt_ms / 2000)
         finally:
-            self.tracker.finish((time.perf_counter() - t0) * 1000)
+            ms = (time.perf_counter() - t0) * 1000
+            self.tracker.finish(ms)
+            self.metrics.observe(M.REPLICA_LATENCY_MS, ms, tags={M.TAG_TIER: self.profile.tier})
         return DeviceReply(result=result, tier=self.profile.tier, replica=self.replica, load=self.load(), ms_per_mmac=ms_per_mmac)
 
     async def __call__(self, req: DeviceRequest) -> DeviceReply:
@@ -174,6 +179,7 @@ class Device:
             else:
                 res = run_stages(sm.model, rng, merged.inp, rule)
             macs += int(res.macs.sum())
+            self._record(v, res)
             for i, part in zip(idx, split_result(res, sizes), strict=True):
                 out[i] = (part, 0.0)
         compute_s = time.perf_counter() - t0
@@ -182,6 +188,15 @@ class Device:
             await asyncio.sleep(self.profile.slowdown_s(compute_s))
         ms_per_mmac = compute_s * 1000 / max(macs / 1e6, 1e-9)
         return [(res, ms_per_mmac) for res, _ in out]  # type: ignore[misc]
+
+    def _record(self, version: str, res: StageResult) -> None:
+        """Metrics of one forward: its batch size, the samples leaving at each exit, those continuing."""
+        tier = self.profile.tier
+        self.metrics.observe(M.BATCH_SIZE, res.batch_size, tags={M.TAG_TIER: tier})
+        for k, n in zip(*torch.unique(res.exit_index, return_counts=True), strict=True):
+            self.metrics.inc(M.DEVICE_EXITS, int(n), tags={M.TAG_VERSION: version, M.TAG_TIER: tier, M.TAG_EXIT: str(int(k))})
+        if len(res.cont):
+            self.metrics.inc(M.DEVICE_EXITS, len(res.cont), tags={M.TAG_VERSION: version, M.TAG_TIER: tier, M.TAG_EXIT: "continue"})
 
     def _count(self, requests: int, samples: int) -> None:
         c = self.counts

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from actors.metrics import RaySink
 from actors.registry import registry_for
 from dynray.errors import RegistryError, ServingError
 from dynray.models.moe import ExpertReplies
 from dynray.registry import ModelRegistry, default_home
+from dynray.serving import metrics as M
 from dynray.serving.config import DeviceUserConfig
 from dynray.store import load_model
 
@@ -44,6 +46,7 @@ class ExpertHost:
         self.expert = expert
         self.modules: dict[tuple[str, int], nn.Module] = {}  # (version, block) -> this expert's module
         self.calls = 0
+        self.metrics = RaySink()
         if user_config is not None:  # plain-actor mode; Serve calls reconfigure itself
             self.reconfigure(user_config)
 
@@ -67,7 +70,14 @@ class ExpertHost:
         if mod is None:
             raise RegistryError("this expert does not host the requested MoE block", got=(version, block, self.expert), fix="roll the version out to the expert deployments first")
         self.calls += 1
-        return mod(x)
+        t0 = time.perf_counter()
+        y = mod(x)
+        n = int(x.shape[0])
+        if n:
+            self.metrics.inc(M.EXPERT_TOKENS, n, tags={M.TAG_VERSION: version, M.TAG_EXPERT: str(self.expert)})
+        self.metrics.observe(M.BATCH_SIZE, n, tags={M.TAG_TIER: "expert"})
+        self.metrics.observe(M.REPLICA_LATENCY_MS, (time.perf_counter() - t0) * 1000, tags={M.TAG_TIER: "expert"})
+        return y
 
     def __call__(self, version: str, block: int, x: torch.Tensor) -> torch.Tensor:
         return self.run(version, block, x)

@@ -15,6 +15,8 @@ import torch
 from dynray.bench import merge_section
 from dynray.bench.core import CoreBenchConfig, bench_core
 from dynray.data import Split, load_dataset
+from dynray.augment import random_affine
+from dynray.drift import REFERENCE_KEY, DriftReference, reference_from
 from dynray.evaluation import collect_exit_outputs, simulate
 from dynray.store import load_model, save_model
 from dynray.models.config import config_to_dict
@@ -22,7 +24,7 @@ from dynray.registry import ModelInfo, ModelRegistry
 from dynray.thresholds import CalibrationResult, CalibrationTarget, ThresholdRule, calibrate
 from dynray.training import TrainConfig, TrainOutcome, fit
 
-__all__ = ["model_name", "train_and_register", "calibrate_and_register", "bench_and_write"]
+__all__ = ["model_name", "train_and_register", "calibrate_and_register", "drift_reference", "bench_and_write"]
 log = logging.getLogger(__name__)
 
 
@@ -84,12 +86,24 @@ def calibrate_and_register(registry: ModelRegistry, ref: str | None, target: Cal
         "candidates": list(res.candidates),
     }
     meta = stored.info.meta
+    reference = drift_reference(stored.model, res.rule, val)
     info = save_model(
         registry, stored.info.name, stored.model, dataset=stored.dataset, rule=res.rule, metrics=meta.get("metrics", {}),
-        extra={"training": meta.get("training"), "calibration": calibration, "thresholds_source": "calibrated"},
+        extra={"training": meta.get("training"), "calibration": calibration, "thresholds_source": "calibrated", REFERENCE_KEY: reference.to_dict()},
         parent=stored.info.ref,
     )
     return info, res
+
+
+def drift_reference(model, rule: ThresholdRule, val: Split, *, seed: int = 0) -> DriftReference:
+    """What served traffic should look like, for the drift detector at the ingress: the val
+    split and one copy of it under the training augmentation, answered by ``rule``."""
+    gen = torch.Generator().manual_seed(seed)
+    aug = (random_affine(val.images, gen, hflip=val.images.shape[1] == 3).clamp(0, 1) * 255).round() / 255  # as a uint8 client sends it
+    images = torch.cat([val.images, aug])
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(model.forward_exits(images[i : i + 512], rule).logits.float(), dim=1) for i in range(0, len(images), 512)])
+    return reference_from(images, probs, source=f"{val.name}/val+augmented")
 
 
 def bench_and_write(

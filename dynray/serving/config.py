@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dynray.drift import DriftConfig
 from dynray.serving.scheduling import CLOUD_PROFILE, EDGE_PROFILE, DeviceProfile, policy_names
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "RouterArgs",
     "AuthArgs",
     "DetectArgs",
+    "DriftArgs",
     "AppArgs",
     "DeviceUserConfig",
     "IngressUserConfig",
@@ -166,6 +168,20 @@ class DetectArgs(_Strict):
     perturbed_share: float = Field(0.3, gt=0, le=1, description="...or when more than this were small perturbations of its earlier queries")
 
 
+class DriftArgs(_Strict):
+    """The drift detector at the ingress (:mod:`dynray.drift`): served traffic against the
+    reference each version was calibrated with."""
+
+    enabled: bool = Field(True, description="watch every answered request's complexity features and confidence")
+    window: int = Field(100, ge=20, description="latest answered samples (per ingress replica) compared with the reference")
+    check_every: int = Field(10, ge=1, description="samples between two tests")
+    alpha: float = Field(1e-4, gt=0, lt=1, description="false-alarm probability of one test on traffic like the reference")
+    min_effect: float = Field(0.4, gt=0, lt=1, description="least KS statistic that alarms (benign variation moves it by up to ~0.3)")
+
+    def config(self) -> DriftConfig:
+        return DriftConfig(window=self.window, check_every=min(self.check_every, self.window), alpha=self.alpha, min_effect=self.min_effect)
+
+
 # flat names of the 0.x args (``ingress_replicas: 2``) -> their group; the group's field drops the prefix
 _MOVED = {
     **{f"ingress_{f}" if f in ("replicas", "max_ongoing_requests") else f: ("ingress", f) for f in IngressArgs.model_fields},
@@ -181,7 +197,7 @@ class AppArgs(_Strict):
     Grouped the way RLlib groups an algorithm config: the top level says what is served
     (system, models, split, the edge/cloud partition); each group configures one part:
     ``edge``/``cloud`` (:class:`TierArgs`), ``experts``, ``ingress``, ``failover``,
-    ``scheduling``, ``router``, ``auth`` and ``detect``.
+    ``scheduling``, ``router``, ``auth``, ``detect`` and ``drift``.
     """
 
     system: Literal["dynray", "all_cloud", "edge_only", "noop"] = Field("dynray", description="dynray graph, or a baseline")
@@ -200,6 +216,7 @@ class AppArgs(_Strict):
     router: RouterArgs = Field(default_factory=RouterArgs)
     auth: AuthArgs = Field(default_factory=AuthArgs, description="API keys and rate limits (on by default)")
     detect: DetectArgs = Field(default_factory=DetectArgs, description="attack detectors at the ingress and what their flags do")
+    drift: DriftArgs = Field(default_factory=DriftArgs, description="drift detection on the served traffic")
 
     @model_validator(mode="before")
     @classmethod

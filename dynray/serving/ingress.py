@@ -26,7 +26,7 @@ import logging
 import re
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -38,8 +38,10 @@ from dynray.routing.costs import RouteCosts
 from dynray.routing.features import CostWeights
 from dynray.routing.policy import find_policy
 from dynray.routing.rules import ROUTERS, RouteContext
+from dynray.drift import DriftReference
 from dynray.security.anomaly import ExtractionConfig, ExtractionDetector
 from dynray.serving import metrics as M
+from dynray.serving.drift import DriftWatch, OnAlarm
 from dynray.serving.auth import Admitted, Gate, Refusal
 from dynray.serving.config import CLOUD, EDGE, AppArgs, IngressUserConfig
 from dynray.serving.failover import Answer, DeviceCall, FailoverConfig, Orchestrator
@@ -79,6 +81,8 @@ class ServedPlan:
     nominal_ms: dict[str, float] | None = None
     """Call times the routers were trained with (see ``Orchestrator.load_snapshot``)."""
     weights: CostWeights = field(default_factory=CostWeights)
+    references: dict[str, DriftReference | None] = field(default_factory=dict)
+    """Served version -> the drift reference saved at its calibration (None: none saved)."""
 
 
 def build_plan(args: AppArgs, cfg: IngressUserConfig, policy: SchedulingPolicy, *, edge: DeviceCall | None, cloud: DeviceCall | None,
@@ -123,6 +127,7 @@ def build_plan(args: AppArgs, cfg: IngressUserConfig, policy: SchedulingPolicy, 
         routers={ref: (r.ref if r is not None else None) for ref, r in found.items()},
         nominal_ms={t: RouteCosts.from_dict(costs).typical_call_ms(t) for t in ("edge", "cloud")} if costs else None,
         weights=CostWeights(cost=args.router.lambda_cost, lat=args.router.lambda_lat),
+        references={i.ref: DriftReference.from_meta(i.meta) for i in infos},
     )
 
 
@@ -137,10 +142,11 @@ class IngressCore:
     """The ingress's state and endpoints; ``plan`` is None until the first :meth:`configure`."""
 
     def __init__(self, args: AppArgs, metrics: M.MetricsSink, *, tiers: tuple[str, ...], gate: Gate | None = None,
-                 penalise: Penalise | None = None) -> None:
+                 penalise: Penalise | None = None, on_drift: OnAlarm | None = None) -> None:
         """``gate``: API keys and rate limits for every endpoint but health (None: open to anyone).
         ``penalise(key_id, action, factor, duration_s)``: throttle or block a flagged key on
-        every replica (the limiter actor); the extraction detector runs only with a gate."""
+        every replica (the limiter actor); the extraction detector runs only with a gate.
+        ``on_drift(version, alarm)``: called when the drift watch raises an alarm."""
         self.args, self.metrics, self.tiers, self.gate, self.penalise = args, metrics, tiers, gate, penalise
         self.plan: ServedPlan | None = None
         self.flags: deque[dict] = deque(maxlen=256)
@@ -149,6 +155,7 @@ class IngressCore:
         self.extraction = ExtractionDetector(ExtractionConfig(window=d.window, min_queries=d.min_queries, boundary_share=d.boundary_share,
                                                                  perturbed_share=d.perturbed_share)) if gate is not None and d.extraction else None
         self._tasks: set[asyncio.Task] = set()
+        self.drift = DriftWatch(args.drift.config(), metrics, on_alarm=on_drift) if args.drift.enabled else None
 
     async def admit(self, headers: Mapping[str, str], scope: str, rid: str) -> Admitted | Reply:
         """The gate's verdict on a request: Admitted, or the refusal to send (counted)."""
@@ -156,6 +163,8 @@ class IngressCore:
             return Admitted(None)
         got = await self.gate.admit(headers, scope, rid)
         if isinstance(got, Refusal):
+            if got.status == 429:
+                self.metrics.inc(M.RATE_LIMITED)
             if got.status >= 500:
                 self.metrics.inc(M.ERRORS, tags={M.TAG_STATUS: str(got.status)})
             else:
@@ -164,6 +173,8 @@ class IngressCore:
         return got
 
     def configure(self, plan: ServedPlan) -> None:
+        if self.drift is not None:
+            self.drift.serve(plan.references)
         self.plan = plan  # one assignment: a request in flight keeps the plan it started with
 
     @property
@@ -173,6 +184,14 @@ class IngressCore:
     # -- POST /v1/predict -------------------------------------------------------------
     async def predict(self, chunks: AsyncIterable[bytes], headers: Mapping[str, str]) -> Reply:
         """Answer one predict request. ``headers``: lower-case names (Starlette's are case-insensitive)."""
+        reply = await self._predict(chunks, headers)
+        try:
+            self.metrics.inc(M.RESPONSES, tags={M.TAG_STATUS: str(reply.status)})
+        except Exception:  # noqa: BLE001 - counting must never change the answer
+            log.exception("could not count a %d response", reply.status)
+        return reply
+
+    async def _predict(self, chunks: AsyncIterable[bytes], headers: Mapping[str, str]) -> Reply:
         rid = request_id(headers.get("x-request-id"))
         ids = {REQUEST_ID_HEADER: rid}
         t0 = time.perf_counter()
@@ -197,6 +216,8 @@ class IngressCore:
             probs = torch.softmax(ans.logits, dim=1)
             out = _answer_body(ans, probs, plan, version, router, latency_ms)
             self._record(plan, version, ans, latency_ms)
+            if self.drift is not None:
+                self.drift.observe(version, dec.images, probs)
             if who.key_id is not None and self.extraction is not None:
                 self._watch(who.key_id, dec.images, probs, rid)
             return Reply(200, out, ids)
@@ -243,6 +264,8 @@ class IngressCore:
         self.metrics.inc(M.REQUESTS, tags={M.TAG_VERSION: version, M.TAG_PATH: ans.path})
         for tier in set(ans.tier):
             self.metrics.inc(M.SAMPLES, ans.tier.count(tier), tags={M.TAG_VERSION: version, M.TAG_TIER: tier})
+        for (tier, k), n in Counter(zip(ans.tier, ans.exit_index.tolist(), strict=True)).items():
+            self.metrics.inc(M.EXITS, n, tags={M.TAG_VERSION: version, M.TAG_TIER: tier, M.TAG_EXIT: str(k)})
         if ans.escalated:
             self.metrics.inc(M.ESCALATED, ans.escalated, tags={M.TAG_VERSION: version})
         n_deg = int(ans.degraded.sum())
@@ -286,7 +309,8 @@ class IngressCore:
                 return Reply(503, {"error": _NOT_READY, "request_id": rid}, {**ids, "Retry-After": str(RETRY_AFTER_S)})
             a = self.args
             return Reply(200, {**plan.split.describe(), "system": a.system, "policy": a.scheduling.policy, "edge_stages": a.edge_stages, "router": a.router.kind,
-                               "ppo_routers": plan.routers, "router_load": plan.orch.load_snapshot(plan.nominal_ms).__dict__}, ids)
+                               "ppo_routers": plan.routers, "router_load": plan.orch.load_snapshot(plan.nominal_ms).__dict__,
+                               "drift": self.drift.status() if self.drift is not None else {"enabled": False}}, ids)
         except Exception:  # noqa: BLE001
             return self._internal_error(rid, "models")
 
