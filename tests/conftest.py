@@ -20,6 +20,16 @@ def mnist5k():
     return {s: load_dataset("mnist-5k", s) for s in ("train", "val", "test")}
 
 
+@pytest.fixture(scope="session")
+def trained_net(mnist5k) -> torch.nn.Module:
+    """A default DynamicNet trained for 4 epochs on mnist-5k in process (about 8 s), shared by
+    the tests that need a model that really classifies (attacks, detectors, drift)."""
+    from dynray.security.anomaly import train_audit_model
+
+    torch.manual_seed(0)
+    return train_audit_model(mnist5k["train"].images, mnist5k["train"].labels, 10, epochs=4, seed=0)
+
+
 @pytest.fixture
 def tiny_cnn() -> torch.nn.Module:
     torch.manual_seed(0)

@@ -13,9 +13,8 @@ from dynray.security.attacks import JacobianExtraction, add_backdoor, fgsm, flip
 
 
 @pytest.fixture(scope="module")
-def victim(mnist5k):
-    torch.manual_seed(0)
-    return train_audit_model(mnist5k["train"].images, mnist5k["train"].labels, 10, epochs=4, seed=0)
+def victim(trained_net):
+    return trained_net
 
 
 def test_fgsm_and_pgd_stay_in_the_eps_ball_and_in_range_and_fool_the_model(victim, mnist5k):
