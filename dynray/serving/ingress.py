@@ -174,7 +174,7 @@ class IngressCore:
 
     def configure(self, plan: ServedPlan) -> None:
         if self.drift is not None:
-            self.drift.serve(plan.references)
+            self.drift.serve({v: plan.references.get(v) for v in plan.split.versions})
         self.plan = plan  # one assignment: a request in flight keeps the plan it started with
 
     @property

@@ -159,6 +159,7 @@ def test_the_ingress_answers_401_403_429_through_the_gate_and_health_stays_open(
     assert r.status == 429 and r.headers["Retry-After"] == "1" and r.headers["X-Request-Id"]
     assert core.health({}).status == 503 and "error" in core.health({}).body  # open: no key asked (503 only for no plan)
     assert core.metrics.count(M.REJECTED, status="401") == 2 and core.metrics.count(M.REJECTED, status="403") == 1 and core.metrics.count(M.REJECTED, status="429") == 1
+    assert core.metrics.count(M.RATE_LIMITED) == 1
     admin, _ = store.create("a", scopes=["admin"])
     s = asyncio.run(core.security({"authorization": f"Bearer {admin}"}))
     assert s.status == 200 and s.body["auth"]["enabled"] is True and s.body["flags"] == []

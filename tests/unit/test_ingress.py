@@ -90,6 +90,34 @@ def test_after_configure_it_answers(core, tiny_cnn):
     assert core.health({}).status == 503  # no replica running: not ready
     assert asyncio.run(core.models()).status == 200 and asyncio.run(core.models()).body["versions"] == [VERSION]
     assert core.metrics.count(M.REQUESTS, model_version=VERSION) == 1
+    # every answer counted by status; the exit mix by tier and exit, the latency observed
+    assert core.metrics.count(M.RESPONSES, status="200") == 1
+    exits = {(dict(ts)["tier"], dict(ts)["exit"]): v for (n, ts), v in core.metrics.counts.items() if n == M.EXITS}
+    assert sum(exits.values()) == 3 and set(exits) == {(t, str(k)) for t, k in zip(r.body["tier"], r.body["exit"], strict=True)}
+    assert len(core.metrics.observed(M.LATENCY_MS, model_version=VERSION)) == 1
+    # the drift watch sees the answered samples; this plan has no reference: "no reference"
+    drift = asyncio.run(core.models()).body["drift"]["versions"][VERSION]
+    assert drift["status"] == "no reference" and drift["score"] is None
+
+
+def test_the_drift_watch_scores_answered_requests_against_the_plans_reference(tiny_cnn):
+    from dataclasses import replace
+
+    import numpy as np
+
+    from dynray.drift import FEATURES, DriftReference
+
+    core = IngressCore(AppArgs.model_validate({"drift": {"window": 20, "check_every": 5}}), M.MemoryMetrics(), tiers=("edge", "cloud"))
+    ref = DriftReference(values=np.random.default_rng(0).uniform(size=(200, len(FEATURES))))
+    core.configure(replace(_plan(tiny_cnn), references={VERSION: ref}))
+    for _ in range(10):
+        assert _predict(core, _good_body()).status == 200
+    st = asyncio.run(core.models()).body["drift"]
+    assert st["versions"][VERSION]["samples"] == 30 and st["versions"][VERSION]["score"] is not None and st["cost_ms_per_request"] > 0
+    assert core.metrics.gauges  # the score was exported
+    off = IngressCore(AppArgs.model_validate({"drift": {"enabled": False}}), M.MemoryMetrics(), tiers=("edge", "cloud"))
+    off.configure(_plan(tiny_cnn))
+    assert _predict(off, _good_body()).status == 200 and asyncio.run(off.models()).body["drift"] == {"enabled": False}
 
 
 def test_an_unexpected_exception_is_a_json_500_with_a_logged_counted_request_id(core, tiny_cnn, caplog, monkeypatch):
@@ -125,6 +153,7 @@ def test_client_errors_are_4xx_with_an_error(core, tiny_cnn, body, ctype, status
     r = asyncio.run(core.predict(_chunks(body), {"content-type": ctype}))
     assert r.status == status and r.body["error"] and r.headers[REQUEST_ID_HEADER]
     assert core.metrics.count(M.REJECTED, status=str(status)) == 1 and core.metrics.count(M.ERRORS) == 0
+    assert core.metrics.count(M.RESPONSES, status=str(status)) == 1
 
 
 def test_a_body_over_the_limit_is_refused_while_it_is_read(core, tiny_cnn):
