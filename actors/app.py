@@ -149,7 +149,7 @@ class Ingress:
         self.replica = _replica_id()
         gate, penalise = _gate(self.args)
         self.metrics = RaySink()
-        self.core = IngressCore(self.args, self.metrics, tiers=tuple(t for t, h in self.handles.items() if h is not None), gate=gate, penalise=penalise)
+        self.core = IngressCore(self.args, self.metrics, tiers=tuple(t for t, h in self.handles.items() if h is not None), gate=gate, penalise=penalise, replica=self.replica)
         self._status_cache: tuple[float, dict] = (0.0, {})
         self._state = state
         # Serve runs the constructor on the replica's event loop; the sync never blocks a request

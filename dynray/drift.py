@@ -63,8 +63,9 @@ class DriftConfig:
     min_effect: float = 0.4
     """Least KS statistic that alarms, however significant: benign variation (the shifts and
     rotations the model was trained to ignore, resampling blur) moves D by up to ~0.3."""
-    clear_ratio: float = 0.5
-    """An alarm clears once the score is below this share of the threshold."""
+    clear_ratio: float = 0.75
+    """An alarm clears once the score is below this share of the threshold (0.3 at the defaults:
+    a window of in-distribution traffic scores about 0.1 to 0.25)."""
 
     def __post_init__(self) -> None:
         if self.window < 20:
@@ -74,7 +75,7 @@ class DriftConfig:
         if not 0 < self.min_effect < 1:
             raise ConfigError("min_effect is a KS statistic in (0, 1)", got=self.min_effect, fix="e.g. 0.4")
         if not 0 < self.alpha < 1 or not 0 < self.clear_ratio < 1:
-            raise ConfigError("alpha and clear_ratio must lie in (0, 1)", got=(self.alpha, self.clear_ratio), fix="e.g. alpha 1e-4, clear_ratio 0.5")
+            raise ConfigError("alpha and clear_ratio must lie in (0, 1)", got=(self.alpha, self.clear_ratio), fix="e.g. alpha 1e-4, clear_ratio 0.75")
 
 
 def sample_features(images: torch.Tensor, probs: torch.Tensor) -> np.ndarray:

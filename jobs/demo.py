@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass, replace
 
 from dynray.bench import BenchResult
@@ -17,7 +18,7 @@ from dynray.errors import ConfigError
 from dynray.flags import guarded, parse, setup_logging
 from dynray.routing.ppo import PPOTrainConfig
 from dynray.training import TrainConfig
-from jobs import bench, calibrate, http_traffic, train, train_router
+from jobs import bench, calibrate, http_traffic, report, train, train_router
 
 __all__ = ["Config", "Result", "run", "main"]
 
@@ -94,8 +95,10 @@ def run(cfg: Config) -> Result:
     t = None
     if cfg.serve:
         _say(f"[5/5] deploying the edge/cloud Serve graph with {c.model} and the hybrid router, sending the {cfg.dataset} test split over HTTP" + (f" (its first {cfg.http_limit} images)" if cfg.http_limit else ""))
-        t = http_traffic.run(replace(traffic, model=c.model))
+        runlog = str(Path(cfg.json).with_name("runlog.jsonl"))
+        t = http_traffic.run(replace(traffic, model=c.model, metrics_file=str(Path(cfg.json).with_name("metrics.prom")), runlog=runlog))
         _say(_indent(t.summary()))
+        _say(_indent(report.run(report.Config(runlog=runlog, out=str(Path(cfg.json).with_name("report")))).summary()))
     seconds = time.perf_counter() - t0
     _say(f"demo finished in {seconds:.0f}s")
     return Result(train=r, calibrate=c, bench=b, router=rt, traffic=t, seconds=seconds)

@@ -1,7 +1,7 @@
 """Start, inspect, roll and stop the dynray Serve app (``dynray serve …``).
 
     python -m jobs.deploy up [--address ADDR] [--config cluster/serve.yaml] [--model REF …] [--weights W …] [--port P]
-    python -m jobs.deploy status            # DYNRAY_API_KEY=<key> adds what /v1/models answers
+    python -m jobs.deploy status            # DYNRAY_API_KEY=<key> adds what /v1/models answers, and the drift score
     python -m jobs.deploy roll --model REF [--model REF2 --weights 0.9 0.1]
     python -m jobs.deploy down
 
@@ -243,9 +243,23 @@ def status(cfg: Config) -> StatusResult:
             out["models"] = r.json()
             if r.status_code == 401 and not key:
                 out["models"] = {"error": "GET /v1/models needs an API key: set DYNRAY_API_KEY (make one with `dynray keys create --name NAME`)"}
+            out["drift"] = _drift(out["models"])
         except (requests.RequestException, ValueError) as e:
             out["health"] = {"error": str(e)}
     return StatusResult(body=out)
+
+
+def _drift(models: dict) -> dict:
+    """The drift watch's score per served version, from the /v1/models answer (one ingress
+    replica's view: each replica watches the traffic it answers)."""
+    d = models.get("drift")
+    if not isinstance(d, dict):
+        return {"error": models.get("error", "the ingress reported no drift watch")}
+    if d.get("enabled") is False:
+        return {"enabled": False}
+    keep = ("status", "score", "threshold", "feature", "samples", "alarms", "fix")
+    return {"versions": {v: {k: st[k] for k in keep if k in st} for v, st in d.get("versions", {}).items()},
+            "cost_ms_per_request": d.get("cost_ms_per_request"), "note": "one ingress replica's view: each replica watches the requests it answers"}
 
 
 def roll(cfg: Config) -> RollResult:

@@ -53,7 +53,9 @@ def ray_session():
 
     os.environ.pop("RAY_ADDRESS", None)
     # edge/cloud resources so the serving tiers can be placed (one node stands in for both)
-    ray.init(address="local", num_cpus=16, resources={"edge": 16, "cloud": 16}, include_dashboard=True, log_to_driver=False, logging_level="ERROR")
+    # metrics reported every second (default 10 s), so the metrics test reads them promptly
+    ray.init(address="local", num_cpus=16, resources={"edge": 16, "cloud": 16}, include_dashboard=True, log_to_driver=False, logging_level="ERROR",
+             _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
 

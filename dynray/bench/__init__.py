@@ -5,7 +5,8 @@ adaptive network), :mod:`~dynray.bench.moe`, :mod:`~dynray.bench.router` (with
 :mod:`~dynray.bench.curves` and :mod:`~dynray.bench.trace`), :mod:`~dynray.bench.nas`
 (the search report), :mod:`~dynray.bench.serve` (HTTP measurement and its summary),
 :mod:`~dynray.bench.cluster` (node and replica scaling from a sampled timeline),
-:mod:`~dynray.bench.security` (detectors; :mod:`~dynray.bench.fuzz` fuzzes the ingress);
+:mod:`~dynray.bench.security` (detectors; :mod:`~dynray.bench.fuzz` fuzzes the ingress),
+:mod:`~dynray.bench.drift` (the drift streams and their offline replay);
 :mod:`~dynray.bench.load` generates HTTP load and :mod:`~dynray.bench.report` prints every
 section. The drivers that need a live cluster (deploying apps, chaos, autoscaling) are the
 ``jobs/bench*.py`` jobs, which call into these modules.
@@ -28,7 +29,7 @@ __all__ = ["SECTIONS", "BUILT_SECTIONS", "BenchTarget", "BenchResult", "check_be
 
 SECTIONS = ("core", "serve", "router", "moe", "nas", "cluster", "security", "compress", "gan", "federated", "drift")
 """Every section of the bench JSON contract (DESIGN.md §4); later issues build the rest."""
-BUILT_SECTIONS = ("core", "serve", "router", "moe", "nas", "cluster", "security")
+BUILT_SECTIONS = ("core", "serve", "router", "moe", "nas", "cluster", "security", "drift")
 """The sections `dynray bench` can measure today."""
 
 

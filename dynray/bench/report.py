@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["format_section", "format_core", "format_serve", "format_router", "format_moe", "format_nas"]
+__all__ = ["format_section", "format_core", "format_serve", "format_router", "format_moe", "format_nas", "format_drift"]
 
 
 def format_core(s: dict) -> str:
@@ -109,10 +109,23 @@ def format_nas(s: dict) -> str:
     return "\n".join(out)
 
 
+def format_drift(s: dict) -> str:
+    """The drift section as text."""
+    seeds = ", ".join(map(str, s["seeds"]))
+    d = s["detector"]
+    out = [f"  detector: window {d.get('window')}, alarm at KS D > {d.get('threshold', float('nan')):.3f} (alpha {d.get('alpha')}); {s['ingress_replicas']} ingress replica; seeds {seeds}"]
+    for name, v in s["shifts"].items():
+        out.append(f"  {name:<10} alarm after {v['requests_to_alarm']} requests (worst seed; per seed {v['per_seed']})")
+    i = s["in_distribution"]
+    out.append(f"  in-distribution: {i['false_alarms']} false alarm(s) in {i['requests']:,} requests (worst seed; per seed {i['per_seed']})")
+    out.append(f"  cost: {s['detector_ms_per_request']:.3f} ms per request of {s['ingress_ms_per_request']:.1f} ms at the ingress ({100 * s['overhead_frac']:.2f}%)")
+    return "\n".join(out)
+
+
 def format_section(section: str, s: dict) -> str:
     """The printer of ``section`` (core for any section without its own)."""
     from dynray.bench.cluster import format_cluster
     from dynray.bench.security import format_security
 
     return {"core": format_core, "serve": format_serve, "router": format_router, "moe": format_moe, "nas": format_nas, "cluster": format_cluster,
-            "security": format_security}.get(section, format_core)(s)
+            "security": format_security, "drift": format_drift}.get(section, format_core)(s)

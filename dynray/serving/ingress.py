@@ -142,12 +142,13 @@ class IngressCore:
     """The ingress's state and endpoints; ``plan`` is None until the first :meth:`configure`."""
 
     def __init__(self, args: AppArgs, metrics: M.MetricsSink, *, tiers: tuple[str, ...], gate: Gate | None = None,
-                 penalise: Penalise | None = None, on_drift: OnAlarm | None = None) -> None:
+                 penalise: Penalise | None = None, on_drift: OnAlarm | None = None, replica: str = "local") -> None:
         """``gate``: API keys and rate limits for every endpoint but health (None: open to anyone).
         ``penalise(key_id, action, factor, duration_s)``: throttle or block a flagged key on
         every replica (the limiter actor); the extraction detector runs only with a gate.
-        ``on_drift(version, alarm)``: called when the drift watch raises an alarm."""
-        self.args, self.metrics, self.tiers, self.gate, self.penalise = args, metrics, tiers, gate, penalise
+        ``on_drift(version, alarm)``: called when the drift watch raises an alarm. ``replica``:
+        this replica's id (each replica watches the requests it answers)."""
+        self.args, self.metrics, self.tiers, self.gate, self.penalise, self.replica = args, metrics, tiers, gate, penalise, replica
         self.plan: ServedPlan | None = None
         self.flags: deque[dict] = deque(maxlen=256)
         """The detectors' latest flags on this replica (``GET /v1/admin/security``)."""
@@ -310,7 +311,7 @@ class IngressCore:
             a = self.args
             return Reply(200, {**plan.split.describe(), "system": a.system, "policy": a.scheduling.policy, "edge_stages": a.edge_stages, "router": a.router.kind,
                                "ppo_routers": plan.routers, "router_load": plan.orch.load_snapshot(plan.nominal_ms).__dict__,
-                               "drift": self.drift.status() if self.drift is not None else {"enabled": False}}, ids)
+                               "drift": {**self.drift.status(), "replica": self.replica} if self.drift is not None else {"enabled": False}}, ids)
         except Exception:  # noqa: BLE001
             return self._internal_error(rid, "models")
 

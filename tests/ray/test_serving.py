@@ -12,6 +12,7 @@ import select
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,87 +22,20 @@ import torch
 from dynray.data import load_dataset
 from dynray.bench.fuzz import fuzz_ingress
 from dynray.bench.load import LoadConfig, run_load_sync
-from dynray.models import DynamicNetConfig, build
+from dynray.serving import metrics as M
 from dynray.serving.failover import ErrorKind, classify_error
 from dynray.serving.partition import DeviceRequest, StageInput
 from dynray.serving.payload import encode_array
+from dynray.serving.prometheus import dashboard_series, dynray_series, nonzero, parse, required_missing, scrape
 from dynray.serving.routing_state import Observation, SharedFailure, TierObservation
 from dynray.registry import ModelRegistry
-from dynray.routing.features import obs_dim
-from dynray.routing.policy import PolicyNet, save_policy
-from dynray.security.keys import KeyStore
-from dynray.store import load_model, save_model
-from dynray.thresholds import ThresholdRule
-from actors.keystore import find_keystore
-from actors.ratelimiter import RATELIMITER_ACTOR
-from actors.registry import REGISTRY_ACTOR, find_registry
-from jobs._ray import free_port
+from dynray.store import load_model
+from actors.registry import find_registry
 from jobs.serve_chaos import ChaosConfig, kill_devices_under_load, kill_ingress_under_load
 
 pytestmark = pytest.mark.ray
 APP = "dynray"
-
-
-def _register(reg: ModelRegistry, seed: int, train_images: torch.Tensor) -> str:
-    """A small random model with fitted complexity and a rule that stops about half the
-    samples at each exit, so all three paths (exit 0, exit 1, cloud) are exercised."""
-    torch.manual_seed(seed)
-    model = build(DynamicNetConfig(widths=(8, 8, 16), layers=(1, 1, 1), exit_hidden=16)).eval()
-    model.complexity.fit(train_images)
-    with torch.no_grad():
-        outs = model(train_images[:512])
-        cx = model.complexity(train_images[:512])
-    base = ThresholdRule(thresholds=(0.0, 0.0), complexity_weight=0.1)
-    taus = tuple(float(base.score(k, outs[k], cx).median()) for k in range(2))
-    rule = ThresholdRule(thresholds=taus, complexity_weight=0.1)
-    info = save_model(reg, "srv", model, dataset="mnist-5k", rule=rule, metrics={})
-    return info.ref
-
-
-def _register_stop_policy(reg: ModelRegistry, ref: str) -> None:
-    """A router for ``ref`` that is sure every sample should stop at the first exit, so its
-    answers are easy to tell from the thresholds' (which send samples to every exit)."""
-    info = reg.resolve(ref)
-    net = PolicyNet([obs_dim(3), 8, 3])
-    with torch.no_grad():
-        for lin in net.linears():
-            lin.weight.zero_()
-            lin.bias.zero_()
-        net.linears()[-1].bias.copy_(torch.tensor([5.0, 0.0, 0.0]))  # p(stop) = 0.987
-    save_policy(reg, info, net, {"costs": None, "note": "test policy"})
-
-
-@pytest.fixture(scope="module")
-def served(ray_session, tmp_path_factory):
-    from actors import serve_apps as D
-
-    home = tmp_path_factory.mktemp("serve-home")
-    reg = ModelRegistry(home)
-    train = load_dataset("mnist-5k", "train").images
-    v1, v2 = _register(reg, 1, train), _register(reg, 2, train)
-    _register_stop_policy(reg, v1)
-    port = free_port()
-    cfg = D.load_config()
-    cfg["http_options"] = {"host": "127.0.0.1", "port": port}
-    app = cfg["applications"][0]
-    # the replicas get every model through the registry actor (which serves `home`): their own
-    # DYNRAY_HOME and user_config home point to an empty directory, as on a node with no shared disk
-    empty = tmp_path_factory.mktemp("empty-home")
-    app["args"].update(home=str(home), registry=REGISTRY_ACTOR, models=[v1], failover={**app["args"]["failover"], "breaker_cooldown_ms": 3000}, edge={**app["args"]["edge"], "min_replicas": 2, "max_replicas": 2}, cloud={**app["args"]["cloud"], "min_replicas": 1, "max_replicas": 1})
-    app["runtime_env"] = {"env_vars": {"DYNRAY_HOME": str(empty)}}
-    for d in app["deployments"]:
-        d["user_config"] = {**d["user_config"], "models": [v1], "home": str(empty)}
-    D.deploy(cfg, timeout_s=180)  # auth on, as shipped: every call below sends a key
-    store = KeyStore.at_home(home)
-    key, rec = store.create("test-serving", scopes=["predict"], rate_per_s=100_000)
-    http = requests.Session()
-    http.headers["Authorization"] = f"Bearer {key}"
-    state = {"cfg": cfg, "url": f"http://127.0.0.1:{port}", "port": port, "home": home, "empty": empty, "v1": v1, "v2": v2,
-             "store": store, "key": key, "key_id": rec.id, "http": http}
-    yield state
-    D.shutdown()
-    for actor in (find_registry(), find_keystore(), ray_session.get_actor(RATELIMITER_ACTOR, namespace="dynray")):
-        ray_session.kill(actor)
+DASHBOARD = Path(__file__).resolve().parents[2] / "cluster" / "grafana-dashboard.json"
 
 
 def _post(served: dict, body, **kw) -> requests.Response:
@@ -474,6 +408,64 @@ def test_chaos_kill_edge_then_cloud_every_request_answered(served):
         time.sleep(0.25)
     else:
         pytest.fail("answers still degraded 10 s after both tiers were back")
+
+
+def _scrape_until(port: int, required: list[str], timeout_s: float = 30.0) -> dict:
+    """Parsed families of the node's metrics endpoint once every ``required`` series is non-zero
+    (replicas report every second in this session), else the last scrape."""
+    t0 = time.monotonic()
+    while True:
+        fams = parse(scrape(port))
+        if not required_missing(fams, required) or time.monotonic() - t0 > timeout_s:
+            return fams
+        time.sleep(1.0)
+
+
+def test_prometheus_serves_every_dynray_series_drift_alarms_on_a_shift_and_the_dashboard_matches(served, ray_session):
+    """After the traffic above (4xx and 429 answers, the chaos run's degraded answers and
+    retries), in-distribution traffic for v1's drift watch, a client that sends small
+    perturbations of its own queries (how Jacobian-based extraction queries), and a stream of
+    inverted digits: every series of dynray/serving/metrics.py but the expert one (this app
+    has no remote experts) is on the node's metrics endpoint with a non-zero count and its
+    tags, read with prometheus_client's parser; the in-distribution traffic raised no drift
+    alarm and the inverted digits did; every dashboard query names a series that exists."""
+    port = ray_session.nodes()[0]["MetricsExportPort"]
+    x = load_dataset("mnist-5k", "test").images[:256]
+    v1 = served["v1"]
+    url = f"{served['url']}/v1/predict"
+
+    def alarms() -> float:  # once the replicas' last reports are in (every second here)
+        time.sleep(3.0)
+        return nonzero(parse(scrape(port))).get(M.DRIFT_ALARMS, 0.0)
+
+    # the tests above sent blank images and fuzz junk: real drift, which may have raised alarms already
+    before = alarms()
+    res = run_load_sync(LoadConfig(url=url, requests=300, concurrency=4, api_key=served["key"]), lambda i: {**encode_array(x[i % len(x)][None]), "model_version": v1})
+    assert res.errors == 0, res.status_counts()
+    calm = _scrape_until(port, [M.DRIFT_SCORE])
+    assert M.DRIFT_SCORE in nonzero(calm) and alarms() == before, (before, nonzero(calm))
+    key, _ = served["store"].create("test-extraction", rate_per_s=100_000)
+    g = torch.Generator().manual_seed(0)
+    bodies = [encode_array((b + 0.1 * torch.sign(torch.randn(b.shape, generator=g)) * (j > 0)).clamp(0, 1)[None]) for b in x[:60] for j in range(4)]
+    res = run_load_sync(LoadConfig(url=url, requests=len(bodies), concurrency=4, api_key=key), lambda i: bodies[i])
+    assert res.errors == 0, res.status_counts()
+    inverted = 1.0 - x
+    res = run_load_sync(LoadConfig(url=url, requests=256, concurrency=4, api_key=served["key"]), lambda i: {**encode_array(inverted[i][None]), "model_version": v1})
+    assert res.errors == 0, res.status_counts()
+    required = [n for n in M.SPECS if n != M.EXPERT_TOKENS]
+    fams = _scrape_until(port, required)
+    assert nonzero(fams).get(M.DRIFT_ALARMS, 0.0) > before, (before, nonzero(fams))  # the inverted digits raised an alarm
+    assert required_missing(fams, required) == [], (required_missing(fams, required), nonzero(fams))
+    series = dynray_series(fams)
+    for name in required:
+        labels = series[name].labels()
+        assert {M.TAG_NODE, *M.SPECS[name].tags} <= labels, (name, labels)
+    drift = served["http"].get(f"{served['url']}/v1/models", timeout=10).json()["drift"]["versions"][v1]
+    assert drift["score"] is not None and drift["alarms"] >= 1, drift
+    for q in dashboard_series(DASHBOARD):
+        for fam in q.families() - {M.exported_name(M.EXPERT_TOKENS)}:
+            assert fam in fams, (q.panel, fam)
+            assert set(q.labels) - {"le"} <= fams[fam].labels(), (q.panel, q.labels, fams[fam].labels())
 
 
 def test_kill_one_ingress_replica_under_load(served):

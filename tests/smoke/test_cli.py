@@ -52,6 +52,25 @@ def test_demo_runs_end_to_end_on_a_small_configuration(demo):
     assert Path(core["plot"]).exists()
 
 
+def test_after_the_demo_prometheus_served_every_dynray_series_with_non_zero_counts(demo):
+    """The demo's last step read Ray's metrics endpoint after its traffic and operations tour
+    and saved the text; parsed here with prometheus_client: every series of the graph (no
+    remote experts in it) is there, non-zero, with its tags and the node tag."""
+    from dynray.serving import metrics as M
+    from dynray.serving.prometheus import dynray_series, parse, required_missing
+
+    p, out = demo
+    _ok(p)
+    fams = parse((out.parent / "metrics.prom").read_text())
+    required = [n for n in M.SPECS if n != M.EXPERT_TOKENS]
+    assert required_missing(fams, required) == [], p.stdout[-2000:]
+    series = dynray_series(fams)
+    for name in required:
+        assert {M.TAG_NODE, *M.SPECS[name].tags} <= series[name].labels(), name
+    assert re.search(r"inverted digits: [1-9]\d* drift alarm", p.stdout) and "drift watch on dynnet-mnist-5k:v2: ok" in p.stdout, p.stdout[-2000:]
+    assert re.search(r"cloud replica killed under load: (\d+)/\1 answered, [1-9]\d* degraded", p.stdout), p.stdout[-2000:]
+
+
 KEY_PATTERN = re.compile(rb"dk_[0-9a-f]{12}_[A-Za-z0-9_-]{20,}")  # dynray.security.keys: dk_<id>_<secret>
 
 

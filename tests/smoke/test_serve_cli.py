@@ -198,8 +198,11 @@ def test_status_prints_the_running_app(served):
     status = json.loads(st.stdout)
     assert status["serve"]["status"] == "RUNNING" and status["health"]["ready"]
     assert status["models"]["versions"] == [served["v1"]]
+    # these versions were registered without a drift reference (as before drift detection): "no reference", no crash
+    assert status["drift"]["versions"][served["v1"]]["status"] == "no reference" and status["drift"]["versions"][served["v1"]]["score"] is None, status["drift"]
     st = _deploy(["status"], served["env"], timeout=120, via=SERVE)  # without a key: health, and what to set for the rest
     assert st.returncode == 0 and "DYNRAY_API_KEY" in json.loads(st.stdout)["models"]["error"], st.stdout[-2000:]
+    assert "DYNRAY_API_KEY" in json.loads(st.stdout)["drift"]["error"]
 
 
 def test_second_up_is_refused_while_the_head_runs(served, monkeypatch, capsys):
