@@ -163,7 +163,7 @@ def _parser(prog: str, description: str) -> _Parser:
 
 # -- submit -----------------------------------------------------------------------------
 
-SUBMIT_STEPS = ("train", "finetune", "calibrate", "bench", "nas", "train_router", "router_cache", "deploy", "demo")
+SUBMIT_STEPS = ("train", "finetune", "calibrate", "bench", "nas", "train_router", "router_cache", "deploy", "demo", "automl")
 """Jobs `dynray submit` can send (each runs as ``python -m jobs.STEP`` on the cluster)."""
 _SUBMIT_FLAGS = {"--address": True, "--local-python": False, "--env": True, "--no-wait": False}
 
@@ -251,6 +251,7 @@ COMMANDS: dict[str, Command] = {
     "models": Command("list, show or promote registered models; keygen or rewrap the master key of encrypted ones", _models),
     "serve": Command("start (up), inspect (status), roll versions (roll) or stop (down) the Serve app", _job("deploy")),
     "cluster": Command("start (up --local), inspect (status) or stop (down) a local autoscaling cluster with edge and cloud node types", _job("cluster")),
+    "automl": Command("NAS -> train -> calibrate -> router -> register -> deploy -> check, in one time budget (resumable)", _job("automl")),
     "report": Command("PNG plots of a run log: exit mix over time, latency per tier, drift score with its alarms", _job("report")),
     "keys": Command("create, list, revoke or rotate the ingress's API keys (stored hashed)", _keys),
     "submit": Command("submit a job step to a Ray cluster (dynray submit STEP --address URL -- ARGS)", _submit),

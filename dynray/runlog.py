@@ -99,7 +99,7 @@ class RunData:
 def read_runlog(path: str | Path) -> RunData:
     """Read a run log; a missing, empty or foreign file is refused with what it needs."""
     p = Path(path)
-    need = "a run log: `dynray demo` writes out/runlog.jsonl, `dynray bench drift` writes runlog.jsonl next to its --json"
+    need = "a run log: `dynray demo` writes out/runlog.jsonl, `dynray bench drift` writes drift_runlog.jsonl next to its --json"
     if not p.is_file():
         raise ConfigError("no run log at this path", got=str(p), fix=f"pass {need}")
     reqs, drift = [], []

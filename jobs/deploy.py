@@ -140,6 +140,16 @@ def _head_found(state: dict) -> tuple[bool, str]:
     return recorded_head(state)
 
 
+def serving_state() -> dict:
+    """What `dynray serve up` recorded, if its service's head is still running ({} otherwise)."""
+    state = _read_state()
+    if state.get("head_pid") and _head_found(state)[0]:
+        return state
+    if state.get("cluster") and state.get("url"):
+        return state
+    return {}
+
+
 def _attach(cfg: Config, state: dict) -> None:
     """``ray.init`` to the recorded (or given) cluster, in the auth mode it was started with."""
     import ray

@@ -17,7 +17,8 @@ import tyro
 from dynray.data import load_dataset
 from dynray.finetune import FinetuneConfig
 from dynray.flags import guarded, parse, setup_logging
-from dynray.models.config import DynamicNetConfig
+from dynray.errors import ConfigError
+from dynray.models.config import DynamicNetConfig, config_from_dict
 from dynray.models.defaults import model_config_for
 from dynray.models.moe import MoEConfig
 from dynray.pipeline import train_and_register
@@ -80,6 +81,9 @@ class Config:
     """Random affine augmentation (--no-augment disables it)."""
     name: str | None = None
     """Registry name (default: dynnet-DATASET, moe-DATASET or moe-DATASET-dense)."""
+    arch_from: str | None = None
+    """Train the architecture of this registered model from scratch (e.g. a NAS front member,
+    nas-mnist-5k:v3) instead of --arch's default; its weights are not used."""
     moe: Annotated[MoEFlags, tyro.conf.OmitArgPrefixes] = field(default_factory=MoEFlags)
     """Mixture of experts (with --arch moe)."""
     audit_data: bool = False
@@ -90,7 +94,14 @@ class Config:
     """With --audit-data: report the flagged samples only, or leave them out of training."""
 
     def model_config(self) -> DynamicNetConfig:
-        """The model to train: the architecture family's default, with the MoE flags applied."""
+        """The model to train: --arch-from's architecture, else the architecture family's
+        default with the MoE flags applied."""
+        if self.arch_from is not None:
+            info = job_registry().resolve(self.arch_from)
+            cfg = config_from_dict(info.meta["config"])
+            if info.meta.get("dataset") != self.dataset:
+                raise ConfigError("--arch-from names a model of another dataset", got=(self.arch_from, info.meta.get("dataset")), fix=f"pick a model trained on {self.dataset}, or pass --dataset {info.meta.get('dataset')}")
+            return cfg
         if self.arch == "dense":
             return model_config_for(self.dataset, "dense")
         cfg = model_config_for(self.dataset, "moe")
@@ -181,6 +192,8 @@ def run(cfg: Config, *, finetune: FinetuneConfig | None = None, init_ref: str | 
     val = load_dataset(tcfg.dataset, "val", root=tcfg.data_root)  # missing files: one clear error before Ray starts
     connect(num_cpus=max(2, tcfg.workers))
     name = cfg.name or (None if init_ref else default_name(tcfg.dataset, cfg.arch))
+    if cfg.arch_from is not None and cfg.name is None:
+        name = f"{registry.resolve(cfg.arch_from).name}-retrained"
     info, outcome = train_and_register(tcfg, registry, name=name, parent=parent, init_state=init_state, val=val)
     return Result(model=info.ref, metrics=info.meta["metrics"], seconds=outcome.seconds, parent=parent,
                   audit={k: v for k, v in audit.items() if k != "indices"} if audit else None)

@@ -9,13 +9,20 @@ on 2 cores, 99% busy together, and the pair took as long as one after the other.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from smoke_chain import ChainRun, Step  # tests/smoke is on sys.path (pytest's rootdir-less import mode)
 
+from jobs._ray import free_port
+
 CHAIN_TIMEOUT_S = 1800
 DEMO = ["demo", "--epochs", "1", "--workers", "1", "--max-drop", "0.02", "--router-iterations", "2", "--http-limit", "300"]
+AUTOML_PORT = free_port()
+AUTOML_TINY = ["--name", "smoke", "--budget-minutes", "6", "--nas-trials", "2", "--nas-epochs", "1", "--max-epochs", "1", "--workers", "1",
+               "--router-iterations", "2", "--check-limit", "200", "--port", str(AUTOML_PORT)]
 NAS_TINY = ["--nas-searcher", "darts", "--nas-trials", "1", "--nas-darts-epochs", "1", "--nas-epochs", "1", "--nas-grace", "1", "--nas-train-limit", "256", "--nas-register-top", "1"]
 
 
@@ -39,6 +46,12 @@ def chain_steps(o: Path) -> list[tuple[str, str, list[str]]]:
                                       "--ratelimit-rate", "5", "--ratelimit-s", "2", "--overhead-requests", "40", "--overhead-runs", "2", "--fuzz-cases", "40", "--json", str(o / "security.json")]),
         ("bench_serve", "module", ["jobs.bench", "serve", "--json", str(o / "serve.json"), "--requests", "60", "--warmup", "5", "--concurrency", "4",
                                    "--chaos-requests", "150", "--light-requests", "20", "--autoscale-requests", "0", "--systems", "noop", "dynray", "all_cloud"]),
+        # the drift watch over HTTP on the demo's calibrated model (its reference came with calibration), one seed, short streams
+        ("bench_drift", "dynray", ["bench", "drift", "--seeds", "0", "--in-distribution-requests", "300", "--shift-requests", "200", "--calm-requests", "120",
+                                   "--json", str(o / "drift.json")]),
+        # last: AutoML's deploy step leaves the chain's Ray for a `serve up` head. Interrupted after calibrate, then resumed.
+        ("automl_stop", "dynray", ["automl", *AUTOML_TINY, "--stop-after", "calibrate"]),
+        ("automl_resume", "dynray", ["automl", *AUTOML_TINY, "--resume"]),
     ]
 
 
@@ -58,6 +71,8 @@ def chain(env, out_dir, request) -> dict[str, Step]:
     """The chain's steps by name."""
     (out_dir / "nas_run").mkdir(exist_ok=True)
     run = ChainRun(chain_steps(out_dir), env, spec_dir=out_dir)
+    # the AutoML step leaves a service up; its test stops it, and this does if that test did not run
+    request.addfinalizer(lambda: subprocess.run([str(Path(sys.executable).with_name("dynray")), "serve", "down"], env=env, capture_output=True, timeout=120))
     try:
         done = run.wait(CHAIN_TIMEOUT_S)
     finally:

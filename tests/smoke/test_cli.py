@@ -71,6 +71,46 @@ def test_after_the_demo_prometheus_served_every_dynray_series_with_non_zero_coun
     assert re.search(r"cloud replica killed under load: (\d+)/\1 answered, [1-9]\d* degraded", p.stdout), p.stdout[-2000:]
 
 
+def test_the_demo_wrote_the_report_pngs_from_its_run_log(demo):
+    p, out = demo
+    _ok(p)
+    for name in ("exit_mix", "latency_tiers", "drift"):
+        png = out.parent / "report" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert "wrote drift:" in p.stdout and (out.parent / "runlog.jsonl").stat().st_size > 0
+
+
+def test_bench_drift_small_writes_every_contract_key(chain, out_dir):
+    step = _ok(chain["bench_drift"])
+    d = json.loads((out_dir / "drift.json").read_text())["drift"]
+    for name in ("inverted", "rotated90", "noise"):
+        assert isinstance(d["shifts"][name]["requests_to_alarm"], int), (name, d["shifts"][name], step.stdout[-1500:])
+    assert d["in_distribution"]["requests"] == 300 and d["in_distribution"]["false_alarms"] == 0, step.stdout[-1500:]
+    assert 0 < d["overhead_frac"] < 0.2 and Path(d["runlog"]).stat().st_size > 0
+
+
+def test_automl_interrupted_after_calibrate_resumes_and_leaves_a_service_that_answers(chain, env):
+    from conftest import AUTOML_PORT
+
+    first, second = _ok(chain["automl_stop"]), _ok(chain["automl_resume"])
+    assert "stopped after calibrate; continue with --resume --name smoke" in first.stdout, first.stdout[-2000:]
+    assert "[4/7] router" not in first.stdout and "[1/7] nas" not in second.stdout and "at router" in second.stdout, second.stdout[-2000:]
+    state = json.loads((Path(env["DYNRAY_HOME"]) / "automl" / "smoke" / "state.json").read_text())
+    assert state["interruptions"] == 1 and all(state["steps"][s]["seconds"] is not None for s in ("nas", "train", "calibrate", "router", "register", "deploy", "check"))
+    check = state["steps"]["check"]["result"]
+    assert check["answered"] == check["requests"] == 200 and check["accuracy"] > 0.5, check
+    assert "where the time went" in second.stdout and "wall" in second.stdout
+    model = state["steps"]["register"]["result"]["model"]
+    key = run([DYNRAY, "keys", "create", "--name", "automl-test"], env)
+    token = key.stdout.strip().splitlines()[-1]
+    import requests
+
+    r = requests.post(f"http://127.0.0.1:{AUTOML_PORT}/v1/predict", json={"inputs": [[[[0.0] * 28] * 28]]}, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 200 and r.json()["model_version"] == model, r.text
+    down = run([DYNRAY, "serve", "down"], env, timeout=120)
+    assert down.returncode == 0, down.stderr[-2000:]
+
+
 KEY_PATTERN = re.compile(rb"dk_[0-9a-f]{12}_[A-Za-z0-9_-]{20,}")  # dynray.security.keys: dk_<id>_<secret>
 
 
@@ -186,7 +226,11 @@ def _models(env: dict) -> list[str]:
         (["bench", "core", "--model", "dynnet-mnist-5k:v9", "--json", "x.json"], "unknown version"),
         (["calibrate", "--model", "dynnet-mnist-5k:v1", "--macs-budget", "10"], "MAC budget"),
         (["calibrate", "--model", "dynnet-mnist-5k:v1", "--max-drop", "-1"], "impossible"),
-        (["bench", "drift", "--json", "x.json"], "unknown bench section"),
+        (["bench", "compress", "--json", "x.json"], "unknown bench section"),
+        (["bench", "drift", "--model", "dynnet-mnist-5k:v1", "--json", "x.json"], "no drift reference"),
+        (["automl", "--budget-minutes", "1"], "give --budget-minutes 5.2 or more"),
+        (["automl", "--resume", "--name", "nosuch"], "no AutoML run to resume"),
+        (["report", "--runlog", "no-such-runlog.jsonl"], "no run log at this path"),
         (["bench", "security", "--json", "x.json", "--seeds"], "--seeds"),
         (["bench", "core", "--json", "x.json", "--bogus", "1"], "Unrecognized options: --bogus"),
         (["train", "--epochs", "many"], "--epochs"),

@@ -57,7 +57,7 @@ def test_a_report_of_a_run_with_no_data_names_what_it_needs(tmp_path, content, m
         p.write_text(content)
     with pytest.raises(ConfigError) as e:
         read_runlog(p)
-    assert message in e.value.message and "dynray demo" in str(e.value.fix)
+    assert message in e.value.message and "dynray demo" in str(e.value.fix) and "drift_runlog.jsonl" in str(e.value.fix)
 
 
 def test_log_lines_are_json_with_wall_clock_times(tmp_path):
