@@ -27,6 +27,7 @@ from actors.expert import ExpertHost
 from actors.keystore import start_keystore
 from actors.metrics import RaySink
 from actors.ratelimiter import start_ratelimiter
+from actors.recalibrate import Recalibrator
 from actors.registry import registry_for
 from actors.routing_state import RoutingState
 from dynray.errors import RequestError
@@ -149,11 +150,16 @@ class Ingress:
         self.replica = _replica_id()
         gate, penalise = _gate(self.args)
         self.metrics = RaySink()
-        self.core = IngressCore(self.args, self.metrics, tiers=tuple(t for t, h in self.handles.items() if h is not None), gate=gate, penalise=penalise, replica=self.replica)
+        d = self.args.drift
+        on_drift = Recalibrator(home=self.args.home, args=d.recalibrate_args, cooldown_s=d.recalibrate_cooldown_s) if d.on_alarm == "recalibrate" else None
+        self.core = IngressCore(self.args, self.metrics, tiers=tuple(t for t, h in self.handles.items() if h is not None), gate=gate, penalise=penalise,
+                                replica=self.replica, on_drift=on_drift)
         self._status_cache: tuple[float, dict] = (0.0, {})
         self._state = state
         # Serve runs the constructor on the replica's event loop; the sync never blocks a request
-        self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever()) if state is not None else None
+        loop = asyncio.get_running_loop()
+        self._sync_task = loop.create_task(self._sync_forever()) if state is not None else None
+        self._gauge_task = loop.create_task(self._gauges_forever()) if self.core.drift is not None else None
 
     def reconfigure(self, user_config: dict) -> None:
         """New versions or split: resolve refs, check they agree, rebuild the plan (no restart)."""
@@ -185,9 +191,19 @@ class Ingress:
                     log.warning("routing state sync failed (%s: %s); routing on this replica's own view until it is back", type(e).__name__, str(e)[:200])
                 failing = True
 
+    async def _gauges_forever(self) -> None:
+        """Keep the drift score gauges on the metrics endpoint while traffic pauses."""
+        while True:
+            await asyncio.sleep(5.0)
+            try:
+                self.core.drift.export_gauges()
+            except Exception:  # noqa: BLE001 - a missed refresh only leaves a gap in the series
+                log.exception("could not refresh the drift gauges")
+
     def __del__(self) -> None:
-        if getattr(self, "_sync_task", None) is not None:
-            self._sync_task.cancel()
+        for name in ("_sync_task", "_gauge_task"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).cancel()
 
     async def _edge(self, req: DeviceRequest) -> DeviceReply:
         out = await self._edge_coalesced(req)

@@ -20,7 +20,8 @@ Each step is a job of its own (``jobs.nas``, ``jobs.train``, ``jobs.calibrate``,
 7. **check**: the test split through the deployed service over HTTP: its accuracy, beside the
    ``production`` model's offline accuracy on the same split.
 
-Progress is printed per step; the run's record (``$DYNRAY_HOME/automl/NAME/state.json``) is
+After each step the minutes left are split again over the steps still to do, so a step that
+ends early leaves its time to the later ones. Progress is printed per step; the run's record (``$DYNRAY_HOME/automl/NAME/state.json``) is
 saved after each one, so ``--resume`` continues an interrupted run from the step it was in,
 with the budget that is left. The service stays up: `dynray serve down` stops it.
 """
@@ -75,10 +76,12 @@ class Config:
     """Most NAS trials (the step's minutes usually end the search first)."""
     nas_epochs: int = 8
     """Epochs of a NAS trial that ASHA never stops."""
-    max_epochs: int = 20
+    max_epochs: int = 30
     """Most epochs of the train step (fewer when its minutes run out)."""
-    workers: int = 2
-    """Ray Train workers of the train step."""
+    workers: int = 1
+    """Ray Train workers of the train step (1: the batch size the search tuned the learning rate at)."""
+    seed: int = 0
+    """Seed of the search, the training run and the PPO router."""
     router_iterations: int = 10_000
     """Most PPO iterations (the router step's minutes usually end it first)."""
     check_limit: int | None = None
@@ -130,7 +133,7 @@ def _say(msg: str) -> None:
 
 def _nas(cfg: Config, minutes: float, state: RunState) -> dict:
     search = replace(nas.SearchFlags(), trials=cfg.nas_trials, time_budget=max(0.5, minutes - 0.4), epochs=cfg.nas_epochs, grace=1, reduction=3,
-                     register_top=3, out=str(_dir(cfg) / "nas"))
+                     register_top=3, seed=cfg.seed, out=str(_dir(cfg) / "nas"))
     res = nas.run(nas.Config(dataset=cfg.dataset, search=search))
     reg = train.job_registry()
     by_trial = {t.trial_id: t for t in res.trials}
@@ -150,7 +153,7 @@ def _train(cfg: Config, minutes: float, state: RunState) -> dict:
     epochs = int(max(1, min(cfg.max_epochs, (minutes * 60 - _TRAIN_START_S) // max(epoch_s, 1e-3))))
     _say(f"      architecture {pick['ref']} ({pick['describe']}): val {pick['accuracy']:.4f} at {pick['macs']:,.0f} MACs in the search; "
          f"{epochs} epochs at lr {pick['lr']:.4g} (the search took {epoch_s:.1f} s per epoch)")
-    r = train.run(train.Config(dataset=cfg.dataset, arch_from=pick["ref"], epochs=epochs, lr=pick["lr"], workers=cfg.workers, name=f"{cfg.run_name()}"))
+    r = train.run(train.Config(dataset=cfg.dataset, arch_from=pick["ref"], epochs=epochs, lr=pick["lr"], workers=cfg.workers, seed=cfg.seed, name=cfg.run_name()))
     return {"model": r.model, "architecture": pick, "epochs": epochs, "val_accuracy_full": r.metrics["val_accuracy_full"], "seconds": r.seconds}
 
 
@@ -160,7 +163,7 @@ def _calibrate(cfg: Config, minutes: float, state: RunState) -> dict:
 
 
 def _router(cfg: Config, minutes: float, state: RunState) -> dict:
-    ppo = replace(PPOTrainConfig(), minutes=max(0.2, minutes - _ROUTER_OVERHEAD_S / 60), iterations=cfg.router_iterations)
+    ppo = replace(PPOTrainConfig(), minutes=max(0.2, minutes - _ROUTER_OVERHEAD_S / 60), iterations=cfg.router_iterations, seed=cfg.seed)
     r = train_router.run(train_router.Config(model=state.result("calibrate")["model"], ppo=ppo))
     return {"router": r.router, "iterations": r.iterations, "train_minutes": r.train_minutes}
 
@@ -245,10 +248,13 @@ def run(cfg: Config) -> Result:
         log.warning("the run has %.2f of its %.1f minutes left: the steps still to do run at their least", left, state.budget_min)
     _say(f"automl {state.name}: {cfg.dataset}, budget {state.budget_min:g} min" + (f", resumed with {left:.2f} min left, at {state.todo[0]}" if cfg.resume else "")
          + "; per step: " + ", ".join(f"{s} {m:.2f}" for s, m in budgets.items()))
-    stopped = False
+    stopped, first = False, True
     for k, step in enumerate(STEPS, 1):
         if step not in state.todo:
             continue
+        if not first:  # a step that ended early leaves its minutes to the steps after it
+            budgets = _replan(state, cfg, budgets)
+        first = False
         minutes = budgets[step]
         _say(f"[{k}/{len(STEPS)}] {step} ({minutes:.2f} min)")
         t0 = time.perf_counter()
@@ -265,6 +271,15 @@ def run(cfg: Config) -> Result:
     state.wall_s += time.perf_counter() - t_start
     state.save(path)
     return Result(state=state, path=str(path), stopped=stopped, wall_s=state.wall_s)
+
+
+def _replan(state: RunState, cfg: Config, budgets: dict[str, float]) -> dict[str, float]:
+    """The minutes left, split again over the steps still to do (unchanged if none are left)."""
+    left = state.budget_min - state.wall_s / 60
+    try:
+        return plan_budget(left, shares=cfg.shares(), todo=state.todo)
+    except ConfigError:  # behind schedule: keep the plan made when there was time
+        return budgets
 
 
 def main(argv: list[str] | None = None, *, prog: str = "python -m jobs.automl") -> int:

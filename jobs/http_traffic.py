@@ -145,7 +145,9 @@ def run(cfg: Config) -> Result:
             drift = models().get("drift")
             tour = None
             if cfg.tour and key is not None:
-                tour = ops_tour.tour(base, "dynray", reg.home, key, split.images[:n], metrics_file=cfg.metrics_file, runlog=runlog)
+                escalated = [r.index for r in res.records if r.ok and "cloud" in (r.body or {}).get("tier", [])]
+                hard = split.images[:n][escalated] if escalated else None
+                tour = ops_tour.tour(base, "dynray", reg.home, key, split.images[:n], hard=hard, metrics_file=cfg.metrics_file, runlog=runlog)
             elif cfg.tour:
                 log.warning("the operations tour needs auth on (it probes keys and rate limits): skipped")
     finally:

@@ -36,8 +36,9 @@ from jobs.serve_chaos import ChaosConfig, kill_devices_under_load
 __all__ = ["TourResult", "REQUIRED", "tour"]
 
 log = logging.getLogger(__name__)
-REQUIRED: tuple[str, ...] = tuple(n for n in M.SPECS if n != M.EXPERT_TOKENS)
-"""Series the demo's graph exports (it runs no remote MoE experts)."""
+REQUIRED: tuple[str, ...] = tuple(n for n in M.SPECS if n not in (M.EXPERT_TOKENS, M.FAILOVERS, M.ERRORS))
+"""Series the tour makes non-zero: all but the remote experts' (the demo's graph runs none)
+and the 5xx/503 counters (nothing in the tour takes every tier down)."""
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,12 @@ def _load(url: str, key: str, bodies: list[dict], runlog: RunLog | None, phase: 
         runlog.requests(res.records, wall_s=res.wall_s, phase=phase)
 
 
-def tour(base_url: str, app: str, home: str | Path, key: str, images: torch.Tensor, *, metrics_file: str | Path | None = None,
-         runlog: RunLog | None = None, scrape_timeout_s: float = 60.0) -> TourResult:
+def tour(base_url: str, app: str, home: str | Path, key: str, images: torch.Tensor, *, hard: torch.Tensor | None = None,
+         metrics_file: str | Path | None = None, runlog: RunLog | None = None, scrape_timeout_s: float = 60.0) -> TourResult:
     """Run the tour against the app at ``base_url`` (``http://host:port/<app>``); ``key``: a predict key.
-    ``runlog``: where the tour's requests are logged (for `dynray report`)."""
+    ``hard``: images the service escalated to the cloud before (the chaos step sends them, so
+    the cloud's absence shows as degraded answers; default: digits turned 90 degrees, which
+    the edge is rarely sure of). ``runlog``: where the tour's requests are logged."""
     url = f"{base_url}/v1/predict"
     store = KeyStore.at_home(home)
     one = encode_array(images[:1])
@@ -100,8 +103,10 @@ def tour(base_url: str, app: str, home: str | Path, key: str, images: torch.Tens
     try:
         _load(url, probe, bodies, runlog, "extraction-style")
         flags = len(requests.get(f"{base_url}/v1/admin/security", headers={"Authorization": f"Bearer {admin}"}, timeout=10).json().get("flags", []))
+        if hard is None or len(hard) < 3:
+            hard = torch.rot90(images[:64], 1, dims=(2, 3))
         chaos = kill_devices_under_load(ChaosConfig(url=url, app=app, requests=300, concurrency=8, kill_after_s=1.0, recovery_timeout_s=60, api_key=key),
-                                        images[:64].numpy().astype(np.float32), deployments=("Cloud",)).to_dict()
+                                        hard.numpy().astype(np.float32), deployments=("Cloud",)).to_dict()
         _load(url, key, [encode_array(1.0 - images[i % len(images)][None]) for i in range(300)], runlog, "inverted digits")
     finally:
         for rec in (slow_rec, probe_rec, admin_rec):

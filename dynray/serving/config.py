@@ -177,6 +177,9 @@ class DriftArgs(_Strict):
     check_every: int = Field(10, ge=1, description="samples between two tests")
     alpha: float = Field(1e-4, gt=0, lt=1, description="false-alarm probability of one test on traffic like the reference")
     min_effect: float = Field(0.4, gt=0, lt=1, description="least KS statistic that alarms (benign variation moves it by up to ~0.3)")
+    on_alarm: Literal["log", "recalibrate"] = Field("log", description="on an alarm: log and count it, or also submit the recalibration job (`python -m jobs.calibrate --model VERSION`) to the cluster as a Ray job")
+    recalibrate_args: list[str] = Field(default_factory=lambda: ["--max-drop", "0.002"], description="the recalibration job's target flags")
+    recalibrate_cooldown_s: float = Field(3600.0, ge=0, description="at most one recalibration job per version and ingress replica in this many seconds")
 
     def config(self) -> DriftConfig:
         return DriftConfig(window=self.window, check_every=min(self.check_every, self.window), alpha=self.alpha, min_effect=self.min_effect)

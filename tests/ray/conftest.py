@@ -68,7 +68,8 @@ def served(ray_session, tmp_path_factory):
     # the replicas get every model through the registry actor (which serves `home`): their own
     # DYNRAY_HOME and user_config home point to an empty directory, as on a node with no shared disk
     empty = tmp_path_factory.mktemp("empty-home")
-    app["args"].update(home=str(home), registry=REGISTRY_ACTOR, models=[v1], failover={**app["args"]["failover"], "breaker_cooldown_ms": 3000}, edge={**app["args"]["edge"], "min_replicas": 2, "max_replicas": 2}, cloud={**app["args"]["cloud"], "min_replicas": 1, "max_replicas": 1})
+    app["args"].update(home=str(home), registry=REGISTRY_ACTOR, models=[v1], failover={**app["args"]["failover"], "breaker_cooldown_ms": 3000}, edge={**app["args"]["edge"], "min_replicas": 2, "max_replicas": 2}, cloud={**app["args"]["cloud"], "min_replicas": 1, "max_replicas": 1},
+                       drift={"on_alarm": "recalibrate"})  # a drift alarm submits the calibration job (checked by the metrics test)
     app["runtime_env"] = {"env_vars": {"DYNRAY_HOME": str(empty)}}
     for d in app["deployments"]:
         d["user_config"] = {**d["user_config"], "models": [v1], "home": str(empty)}

@@ -91,6 +91,26 @@ def test_expert_hosts_are_checked_against_the_model(ray_session, moe_home):
         attach_remote_experts(model, ref, [object()] * 2)
 
 
+def _expert_series_are_exported(ray) -> None:
+    """The expert replicas' series are on the node's metrics endpoint (prometheus_client's
+    parser): tokens per expert, and their batch sizes and latency under tier "expert"."""
+    import time
+
+    from dynray.serving import metrics as M
+    from dynray.serving.prometheus import dynray_series, parse, required_missing, scrape
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    t0 = time.monotonic()
+    while required_missing(fams := parse(scrape(port)), [M.EXPERT_TOKENS]) and time.monotonic() - t0 < 30:
+        time.sleep(1.0)
+    series = dynray_series(fams)
+    assert M.EXPERT_TOKENS in series and series[M.EXPERT_TOKENS].total() > 0, sorted(series)
+    experts = {lab["expert"] for _, lab, v in series[M.EXPERT_TOKENS].samples if v > 0}
+    assert len(experts) >= 2 and {M.TAG_NODE, M.TAG_VERSION} <= series[M.EXPERT_TOKENS].labels(), experts
+    for name in (M.BATCH_SIZE, M.REPLICA_LATENCY_MS):
+        assert any(lab.get("tier") == "expert" and n.endswith("_count") and v > 0 for n, lab, v in series[name].samples), name
+
+
 def test_serve_graph_with_remote_experts(ray_session, moe_home, x_test):
     """cluster/serve.yaml with experts.count = 4: answers equal the offline model's; an expert
     replica killed mid-traffic loses no request, and its tokens really are failed over: the
@@ -147,6 +167,7 @@ def test_serve_graph_with_remote_experts(ray_session, moe_home, x_test):
                 assert b["predictions"] == want_dead.logits.argmax(1).tolist() and b["exit"] == want_dead.exit_index.tolist()
             else:  # replaced meanwhile: the live model again
                 assert b["predictions"] == want_live.logits.argmax(1).tolist()
+        _expert_series_are_exported(ray)
     finally:
         D.delete_apps([app["name"]])
         D.shutdown()

@@ -460,12 +460,37 @@ def test_prometheus_serves_every_dynray_series_drift_alarms_on_a_shift_and_the_d
     for name in required:
         labels = series[name].labels()
         assert {M.TAG_NODE, *M.SPECS[name].tags} <= labels, (name, labels)
-    drift = served["http"].get(f"{served['url']}/v1/models", timeout=10).json()["drift"]["versions"][v1]
-    assert drift["score"] is not None and drift["alarms"] >= 1, drift
+    drift = served["http"].get(f"{served['url']}/v1/models", timeout=10).json()["drift"]
+    assert drift["versions"][v1]["score"] is not None and drift["versions"][v1]["alarms"] >= 1, drift
+    _the_alarm_submitted_a_recalibration_job_that_registered_a_calibrated_child(served, ray_session)
     for q in dashboard_series(DASHBOARD):
         for fam in q.families() - {M.exported_name(M.EXPERT_TOKENS)}:
             assert fam in fams, (q.panel, fam)
             assert set(q.labels) - {"le"} <= fams[fam].labels(), (q.panel, q.labels, fams[fam].labels())
+
+
+def _the_alarm_submitted_a_recalibration_job_that_registered_a_calibrated_child(served: dict, ray_session) -> None:
+    """drift.on_alarm = recalibrate (tests/ray/conftest.py): an alarm on v1 sent
+    `python -m jobs.calibrate --model v1` to the cluster's job API; it ran and registered a
+    calibrated child of v1, with its own drift reference."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    jobs: dict[str, dict] = {}
+    t0 = time.monotonic()
+    while not jobs and time.monotonic() - t0 < 20:  # either replica may have sent it; each answers for itself
+        for rec in served["http"].get(f"{served['url']}/v1/models", timeout=10).json()["drift"].get("on_alarm", []):
+            assert "error" not in rec, rec
+            jobs[rec["job_id"]] = rec
+        time.sleep(0.5)
+    assert jobs and all(r["version"] == served["v1"] for r in jobs.values()), jobs
+    client = JobSubmissionClient(f"http://{ray_session._private.worker.global_worker.node.address_info['webui_url']}")
+    for jid in jobs:
+        while (st := client.get_job_status(jid)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.monotonic() - t0 < 180:
+            time.sleep(1.0)
+        assert st == JobStatus.SUCCEEDED, client.get_job_logs(jid)[-3000:]
+    versions = ModelRegistry(served["home"]).list("srv")
+    calibrated = [i for i in versions if i.meta.get("parent") == served["v1"] and i.meta.get("thresholds_source") == "calibrated" and i.meta.get("drift_reference")]
+    assert len(calibrated) == len(jobs), [(i.ref, i.meta.get("parent"), i.meta.get("thresholds_source")) for i in versions]
 
 
 def test_kill_one_ingress_replica_under_load(served):

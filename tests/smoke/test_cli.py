@@ -61,8 +61,11 @@ def test_after_the_demo_prometheus_served_every_dynray_series_with_non_zero_coun
 
     p, out = demo
     _ok(p)
+    from jobs.ops_tour import REQUIRED
+
     fams = parse((out.parent / "metrics.prom").read_text())
-    required = [n for n in M.SPECS if n != M.EXPERT_TOKENS]
+    required = list(REQUIRED)
+    assert set(M.SPECS) - set(required) == {M.EXPERT_TOKENS, M.FAILOVERS, M.ERRORS}  # no remote experts, no outage in the demo
     assert required_missing(fams, required) == [], p.stdout[-2000:]
     series = dynray_series(fams)
     for name in required:

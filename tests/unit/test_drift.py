@@ -65,7 +65,15 @@ def test_bad_detector_settings_are_refused(bad):
 
 def test_an_alarm_is_one_episode_counted_logged_and_handed_to_the_hook(caplog):
     metrics, seen = M.MemoryMetrics(), []
-    watch = DriftWatch(DriftConfig(window=50, check_every=10), metrics, on_alarm=lambda v, a: seen.append((v, a.feature)))
+
+    class Hook:
+        def __call__(self, version, alarm):
+            seen.append((version, alarm.feature))
+
+        def history(self):
+            return [{"version": v} for v, _ in seen]
+
+    watch = DriftWatch(DriftConfig(window=50, check_every=10), metrics, on_alarm=Hook())
     ref = DriftReference(values=np.random.default_rng(3).uniform(0.0, 0.5, size=(300, len(FEATURES))))
     watch.serve({"m:v1": ref})
     black = torch.zeros(1, 1, 28, 28)  # every pixel feature far below the reference's range
@@ -76,8 +84,13 @@ def test_an_alarm_is_one_episode_counted_logged_and_handed_to_the_hook(caplog):
     assert metrics.gauges[(M.DRIFT_SCORE, (("model_version", "m:v1"),))] > 0.4
     assert "drift alarm on m:v1" in caplog.text
     st = watch.status()
-    assert st["versions"]["m:v1"]["status"] == "alarm" and st["cost_ms_per_request"] > 0
-    watch.on_alarm = lambda v, a: 1 / 0  # a failing hook: the alarm still counts, nothing raises
+    assert st["versions"]["m:v1"]["status"] == "alarm" and st["cost_ms_per_request"] > 0 and st["on_alarm"] == [{"version": "m:v1"}]
+
+    class Failing(Hook):
+        def __call__(self, version, alarm):
+            raise RuntimeError("the job API is down")
+
+    watch.on_alarm = Failing()  # a failing hook: the alarm still counts, nothing raises
     watch.serve({"m:v2": ref})
     assert any(watch.observe("m:v2", black, probs) is not None for _ in range(100))
     assert metrics.count(M.DRIFT_ALARMS, model_version="m:v2") == 1
