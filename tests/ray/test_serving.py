@@ -8,8 +8,6 @@ and not-hosted tests real. The chaos tests (replicas killed) run last.
 from __future__ import annotations
 
 import json
-import select
-import socket
 import threading
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from dynray.serving.routing_state import Observation, SharedFailure, TierObserva
 from dynray.registry import ModelRegistry
 from dynray.store import load_model
 from actors.registry import find_registry
+from serving_helpers import chunked_post_until_answered, scrape_until, the_alarm_submitted_a_recalibration_job_that_registered_a_calibrated_child  # tests/ray is on sys.path
 from jobs.serve_chaos import ChaosConfig, kill_devices_under_load, kill_ingress_under_load
 
 pytestmark = pytest.mark.ray
@@ -178,51 +177,12 @@ def test_fuzzing_the_ingress_from_its_openapi_schema_gets_no_5xx_and_it_keeps_se
     assert _post(served, encode_array(torch.zeros(1, 1, 28, 28))).status_code == 200
 
 
-def _chunked_post_until_answered(port: int, key: str, total: int, rate: float, chunk: int = 64 * 1024) -> tuple[int, bytes, int]:
-    """POST a chunked body of up to ``total`` bytes at ``rate`` bytes/s, stopping as soon as the
-    server answers: (bytes sent by then, the raw response, total).
-
-    Paced, because Serve's proxy reads a body as fast as it comes (and queues it for the
-    replica): unpaced on loopback, tens of MB are queued before the replica has seen 8 MB."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    try:
-        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
-                     + f"Authorization: Bearer {key}\r\n\r\n".encode())
-        frame = b"%x\r\n" % chunk + b"[" * chunk + b"\r\n"
-        t0 = time.monotonic()
-        sent, deadline = 0, t0 + 120
-        sock.settimeout(0.5)
-        while sent < total and time.monotonic() < deadline:
-            time.sleep(max(0.0, sent / rate - (time.monotonic() - t0)))
-            if select.select([sock], [], [], 0)[0]:  # the answer (or a close) is there
-                break
-            try:
-                sock.sendall(frame)
-            except (TimeoutError, BlockingIOError):  # the server stopped reading: look for its answer
-                continue
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            sent += chunk
-        if sent >= total:
-            sock.sendall(b"0\r\n\r\n")
-        sock.settimeout(30)
-        raw = b""
-        while b"\r\n\r\n" not in raw or len(raw.split(b"\r\n\r\n", 1)[1]) < int(raw.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0]):
-            part = sock.recv(65536)
-            if not part:
-                break
-            raw += part
-        return sent, raw, total
-    finally:
-        sock.close()
-
-
 def test_a_chunked_body_over_the_limit_is_refused_while_it_streams(served):
     """A 100 MB chunked upload (no Content-Length, 10 MB/s) is answered 413 soon after ~8 MB (the
     limit) have arrived, while the client is still sending: the ingress stops reading at the
     limit (reading the whole body first, the answer would come after all 100 MB, at 10 s)."""
     t0 = time.monotonic()
-    sent, raw, total = _chunked_post_until_answered(served["port"], served["key"], 100 * 1024 * 1024, rate=10e6)
+    sent, raw, total = chunked_post_until_answered(served["port"], served["key"], 100 * 1024 * 1024, rate=10e6)
     print(f"chunked 413 after {sent / 1e6:.1f} MB sent, {time.monotonic() - t0:.1f} s")
     head, body = raw.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 413"), head[:200]
@@ -410,17 +370,6 @@ def test_chaos_kill_edge_then_cloud_every_request_answered(served):
         pytest.fail("answers still degraded 10 s after both tiers were back")
 
 
-def _scrape_until(port: int, required: list[str], timeout_s: float = 30.0) -> dict:
-    """Parsed families of the node's metrics endpoint once every ``required`` series is non-zero
-    (replicas report every second in this session), else the last scrape."""
-    t0 = time.monotonic()
-    while True:
-        fams = parse(scrape(port))
-        if not required_missing(fams, required) or time.monotonic() - t0 > timeout_s:
-            return fams
-        time.sleep(1.0)
-
-
 def test_prometheus_serves_every_dynray_series_drift_alarms_on_a_shift_and_the_dashboard_matches(served, ray_session):
     """After the traffic above (4xx and 429 answers, the chaos run's degraded answers and
     retries), in-distribution traffic for v1's drift watch, a client that sends small
@@ -442,7 +391,7 @@ def test_prometheus_serves_every_dynray_series_drift_alarms_on_a_shift_and_the_d
     before = alarms()
     res = run_load_sync(LoadConfig(url=url, requests=300, concurrency=4, api_key=served["key"]), lambda i: {**encode_array(x[i % len(x)][None]), "model_version": v1})
     assert res.errors == 0, res.status_counts()
-    calm = _scrape_until(port, [M.DRIFT_SCORE])
+    calm = scrape_until(port, [M.DRIFT_SCORE])
     assert M.DRIFT_SCORE in nonzero(calm) and alarms() == before, (before, nonzero(calm))
     key, _ = served["store"].create("test-extraction", rate_per_s=100_000)
     g = torch.Generator().manual_seed(0)
@@ -453,7 +402,7 @@ def test_prometheus_serves_every_dynray_series_drift_alarms_on_a_shift_and_the_d
     res = run_load_sync(LoadConfig(url=url, requests=256, concurrency=4, api_key=served["key"]), lambda i: {**encode_array(inverted[i][None]), "model_version": v1})
     assert res.errors == 0, res.status_counts()
     required = [n for n in M.SPECS if n != M.EXPERT_TOKENS]
-    fams = _scrape_until(port, required)
+    fams = scrape_until(port, required)
     assert nonzero(fams).get(M.DRIFT_ALARMS, 0.0) > before, (before, nonzero(fams))  # the inverted digits raised an alarm
     assert required_missing(fams, required) == [], (required_missing(fams, required), nonzero(fams))
     series = dynray_series(fams)
@@ -462,35 +411,11 @@ def test_prometheus_serves_every_dynray_series_drift_alarms_on_a_shift_and_the_d
         assert {M.TAG_NODE, *M.SPECS[name].tags} <= labels, (name, labels)
     drift = served["http"].get(f"{served['url']}/v1/models", timeout=10).json()["drift"]
     assert drift["versions"][v1]["score"] is not None and drift["versions"][v1]["alarms"] >= 1, drift
-    _the_alarm_submitted_a_recalibration_job_that_registered_a_calibrated_child(served, ray_session)
+    the_alarm_submitted_a_recalibration_job_that_registered_a_calibrated_child(served, ray_session)
     for q in dashboard_series(DASHBOARD):
         for fam in q.families() - {M.exported_name(M.EXPERT_TOKENS)}:
             assert fam in fams, (q.panel, fam)
             assert set(q.labels) - {"le"} <= fams[fam].labels(), (q.panel, q.labels, fams[fam].labels())
-
-
-def _the_alarm_submitted_a_recalibration_job_that_registered_a_calibrated_child(served: dict, ray_session) -> None:
-    """drift.on_alarm = recalibrate (tests/ray/conftest.py): an alarm on v1 sent
-    `python -m jobs.calibrate --model v1` to the cluster's job API; it ran and registered a
-    calibrated child of v1, with its own drift reference."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    jobs: dict[str, dict] = {}
-    t0 = time.monotonic()
-    while not jobs and time.monotonic() - t0 < 20:  # either replica may have sent it; each answers for itself
-        for rec in served["http"].get(f"{served['url']}/v1/models", timeout=10).json()["drift"].get("on_alarm", []):
-            assert "error" not in rec, rec
-            jobs[rec["job_id"]] = rec
-        time.sleep(0.5)
-    assert jobs and all(r["version"] == served["v1"] for r in jobs.values()), jobs
-    client = JobSubmissionClient(f"http://{ray_session._private.worker.global_worker.node.address_info['webui_url']}")
-    for jid in jobs:
-        while (st := client.get_job_status(jid)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.monotonic() - t0 < 180:
-            time.sleep(1.0)
-        assert st == JobStatus.SUCCEEDED, client.get_job_logs(jid)[-3000:]
-    versions = ModelRegistry(served["home"]).list("srv")
-    calibrated = [i for i in versions if i.meta.get("parent") == served["v1"] and i.meta.get("thresholds_source") == "calibrated" and i.meta.get("drift_reference")]
-    assert len(calibrated) == len(jobs), [(i.ref, i.meta.get("parent"), i.meta.get("thresholds_source")) for i in versions]
 
 
 def test_kill_one_ingress_replica_under_load(served):
