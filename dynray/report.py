@@ -57,10 +57,12 @@ def _phases(ax, data: RunData, t0: float) -> None:
             spans[-1] = (ph, spans[-1][1], t)
         else:
             spans.append((ph, t, t))
+    width = max(spans[-1][2] - spans[0][1], 1e-9) if spans else 1.0
     for i, (ph, a, b) in enumerate(spans):
         if i % 2:
             ax.axvspan(a, b, color="0.92", zorder=0)
-        ax.text((a + b) / 2, 1.0, ph, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7, color="0.35")
+        if b - a > 0.06 * width:  # name only the phases wide enough to hold a label
+            ax.text((a + b) / 2, 1.0, ph, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=7, color="0.35")
 
 
 def _bins(ts: np.ndarray) -> np.ndarray:

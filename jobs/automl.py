@@ -41,6 +41,7 @@ from dynray.flags import guarded, parse, setup_logging
 from dynray.registry import default_home
 from dynray.routing.ppo import PPOTrainConfig
 from jobs import calibrate, deploy, nas, train, train_router
+from jobs._ray import job_registry
 
 __all__ = ["Config", "Result", "run", "main"]
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def _nas(cfg: Config, minutes: float, state: RunState) -> dict:
     search = replace(nas.SearchFlags(), trials=cfg.nas_trials, time_budget=max(0.5, minutes - 0.4), epochs=cfg.nas_epochs, grace=1, reduction=3,
                      register_top=3, seed=cfg.seed, out=str(_dir(cfg) / "nas"))
     res = nas.run(nas.Config(dataset=cfg.dataset, search=search))
-    reg = train.job_registry()
+    reg = job_registry()
     by_trial = {t.trial_id: t for t in res.trials}
     front = []
     for ref in res.registered:
@@ -169,7 +170,7 @@ def _router(cfg: Config, minutes: float, state: RunState) -> dict:
 
 
 def _register(cfg: Config, minutes: float, state: RunState) -> dict:
-    reg = train.job_registry()
+    reg = job_registry()
     info = reg.promote(state.result("calibrate")["model"], cfg.promote)
     return {"model": info.ref, "stage": cfg.promote}
 
@@ -208,7 +209,7 @@ def _check(cfg: Config, minutes: float, state: RunState) -> dict:
     ok = [r for r in res.records if r.ok]
     correct = sum(r.body["predictions"][0] == labels[r.index] for r in ok)
     out = {"url": d["url"], "model": d["model"], "requests": n, "answered": len(ok), "accuracy": correct / n, "served_versions": sorted({r.body["model_version"] for r in ok})}
-    reg = train.job_registry()
+    reg = job_registry()
     try:
         default = reg.resolve("production")
     except Exception:  # noqa: BLE001 - no production model: nothing to compare with

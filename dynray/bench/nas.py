@@ -65,10 +65,11 @@ def records_from_grid(grid: Any, stopped: set[str], epochs: int) -> tuple[list[T
 
 
 def observations(records: list[TrialRecord], histories: dict[str, Any], cfg: NASConfig) -> list[Observation]:
-    """Every report of every trial that did not fail, as predictor rows."""
+    """Every report of every trial that did not fail, as predictor rows (a trial the time
+    budget cut before its first report has no candidate and no rows: skipped)."""
     out = []
     for t in records:
-        if t.status == "failed" or t.trial_id not in histories:
+        if t.status == "failed" or t.epochs == 0 or not t.candidate or t.trial_id not in histories:
             continue
         vec = cfg.space.encode(Candidate.from_dict(t.candidate))
         for _, row in histories[t.trial_id].iterrows():
@@ -184,7 +185,7 @@ def summarise(cfg: NASConfig, grid: Any, stopped: set[str], minutes: float, regi
     registered = _register(records, front, cfg, registry)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"table": str(write_table(records, out_dir / "nas_trials.csv"))}
-    plotted = [t for t in records if t.status != "failed"]
+    plotted = [t for t in records if t.status != "failed" and t.metrics.get("accuracy") is not None]  # not the trials cut before a report
     pos = {id(t): j for j, t in enumerate(plotted)}
     ref = next((t for t in plotted if t.reference), None)
     files["front"] = str(plot_front(

@@ -258,3 +258,20 @@ def test_a_variant_generator_without_the_concurrency_limit_is_refused():
         _check_concurrency(forgot, cfg)
     # the built-in random searcher passes it
     _check_concurrency(SEARCHERS["random"](cfg, None), cfg)
+
+
+def test_a_trial_the_budget_cut_before_its_first_report_is_left_out_of_the_predictor_rows():
+    """Tune returns such a trial with an empty config and no rows; the 4-stage space must not
+    read it as the 3-stage default (which it would refuse, ending the whole search report)."""
+    import pandas as pd
+
+    from dynray.bench.nas import observations
+    from dynray.nas.config import TrialRecord
+
+    cfg = NASConfig(dataset="mnist-5k")
+    assert cfg.space.max_stages == 4
+    done = TrialRecord(trial_id="a", status="budget", candidate=default_candidate(4).to_dict(), epochs=1, metrics={"accuracy": 0.9}, reference=False)
+    cut = TrialRecord(trial_id="b", status="budget", candidate={}, epochs=0, metrics={}, reference=False)
+    rows = pd.DataFrame([{"training_iteration": 1, "accuracy": 0.9, "macs": 1e5, "latency_ms": 1.0}])
+    obs = observations([done, cut], {"a": rows, "b": rows.iloc[:0]}, cfg)
+    assert [o.trial for o in obs] == ["a"]
