@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -110,8 +110,7 @@ class Result:
     stopped: bool = False
     """The run stopped before its end (--stop-after); --resume continues it."""
     wall_s: float = 0.0
-    """This invocation's wall time."""
-    notes: list[str] = field(default_factory=list)
+    """The run's wall time, over every invocation."""
 
     def summary(self) -> str:
         s = self.state
@@ -123,7 +122,7 @@ class Result:
         lines.append("where the time went (minutes):")
         lines.append(time_table(s))
         lines.append(f"wall time of the run: {s.wall_s / 60:.2f} min of {s.budget_min:g} ({100 * s.wall_s / 60 / s.budget_min:.0f}%); record: {self.path}")
-        return "\n".join(lines + self.notes)
+        return "\n".join(lines)
 
 
 def _say(msg: str) -> None:
@@ -250,27 +249,29 @@ def run(cfg: Config) -> Result:
     _say(f"automl {state.name}: {cfg.dataset}, budget {state.budget_min:g} min" + (f", resumed with {left:.2f} min left, at {state.todo[0]}" if cfg.resume else "")
          + "; per step: " + ", ".join(f"{s} {m:.2f}" for s, m in budgets.items()))
     stopped, first = False, True
-    for k, step in enumerate(STEPS, 1):
-        if step not in state.todo:
-            continue
-        if not first:  # a step that ended early leaves its minutes to the steps after it
-            budgets = _replan(state, cfg, budgets)
-        first = False
-        minutes = budgets[step]
-        _say(f"[{k}/{len(STEPS)}] {step} ({minutes:.2f} min)")
-        t0 = time.perf_counter()
-        result = _RUN[step](cfg, minutes, state)
-        secs = time.perf_counter() - t0
-        state.finish(step, minutes, secs, result)
+    try:
+        for k, step in enumerate(STEPS, 1):
+            if step not in state.todo:
+                continue
+            if not first:  # a step that ended early leaves its minutes to the steps after it
+                budgets = _replan(state, cfg, budgets)
+            first = False
+            minutes = budgets[step]
+            _say(f"[{k}/{len(STEPS)}] {step} ({minutes:.2f} min)")
+            t0 = time.perf_counter()
+            result = _RUN[step](cfg, minutes, state)
+            secs = time.perf_counter() - t0
+            state.finish(step, minutes, secs, result)
+            state.wall_s += time.perf_counter() - t_start
+            t_start = time.perf_counter()
+            state.save(path)
+            _say(f"      {step} took {secs / 60:.2f} min of its {minutes:.2f}: " + ", ".join(f"{a}={b}" for a, b in result.items() if not isinstance(b, (list, dict)))[:300])
+            if step == cfg.stop_after and state.todo:
+                stopped = True
+                break
+    finally:  # an interrupted step's time counts too: a resumed run plans with what is really left
         state.wall_s += time.perf_counter() - t_start
-        t_start = time.perf_counter()
         state.save(path)
-        _say(f"      {step} took {secs / 60:.2f} min of its {minutes:.2f}: " + ", ".join(f"{a}={b}" for a, b in result.items() if not isinstance(b, (list, dict)))[:300])
-        if step == cfg.stop_after and state.todo:
-            stopped = True
-            break
-    state.wall_s += time.perf_counter() - t_start
-    state.save(path)
     return Result(state=state, path=str(path), stopped=stopped, wall_s=state.wall_s)
 
 
