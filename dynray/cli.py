@@ -241,7 +241,7 @@ def _check_job_args(step: str, args: list[str]) -> None:
 # -- the command table --------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
-    "demo": Command("the main job: train -> calibrate -> promote -> bench -> router -> serve on mnist-5k", _job("demo")),
+    "demo": Command("the main job: train -> calibrate -> promote -> bench -> router -> serve -> operations tour -> report on mnist-5k", _job("demo")),
     "train": Command("train a DynamicNet with Ray Train and register it", _job("train")),
     "finetune": Command("fine-tune a registered model (freeze, unfreeze last N, gradual, split LRs)", _job("finetune")),
     "calibrate": Command("calibrate thresholds on the val split (registers a child version)", _job("calibrate")),

@@ -1,4 +1,4 @@
-"""The main job: train -> calibrate -> promote -> bench -> PPO router -> serve traffic, on an embedded local Ray.
+"""The main job: train -> calibrate -> promote -> bench -> PPO router -> serve traffic (with the operations tour) -> report, on an embedded local Ray.
 
     python -m jobs.demo        (what `make demo` and `dynray demo` run)
 
@@ -94,7 +94,8 @@ def run(cfg: Config) -> Result:
     _say(f"      registered {rt.router}: {rt.iterations} iterations in {rt.train_minutes:.1f} min")
     t = None
     if cfg.serve:
-        _say(f"[5/5] deploying the edge/cloud Serve graph with {c.model} and the hybrid router, sending the {cfg.dataset} test split over HTTP" + (f" (its first {cfg.http_limit} images)" if cfg.http_limit else ""))
+        _say(f"[5/5] deploying the edge/cloud Serve graph with {c.model} and the hybrid router, sending the {cfg.dataset} test split over HTTP" + (f" (its first {cfg.http_limit} images)" if cfg.http_limit else "")
+             + ", then the operations tour (auth, rate limit, extraction flag, cloud failover, drift alarm, metrics) and the report")
         runlog = str(Path(cfg.json).with_name("runlog.jsonl"))
         t = http_traffic.run(replace(traffic, model=c.model, metrics_file=str(Path(cfg.json).with_name("metrics.prom")), runlog=runlog))
         _say(_indent(t.summary()))
