@@ -107,11 +107,14 @@ def test_automl_interrupted_after_calibrate_resumes_and_leaves_a_service_that_an
     assert "where the time went" in second.stdout and "wall" in second.stdout
     model = state["steps"]["register"]["result"]["model"]
     key = run([DYNRAY, "keys", "create", "--name", "automl-test"], env)
-    token = key.stdout.strip().splitlines()[-1]
+    token, kid = key.stdout.strip().splitlines()[-1], re.search(r"created key ([0-9a-f]{12})", key.stdout).group(1)
     import requests
 
-    r = requests.post(f"http://127.0.0.1:{AUTOML_PORT}/v1/predict", json={"inputs": [[[[0.0] * 28] * 28]]}, headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    assert r.status_code == 200 and r.json()["model_version"] == model, r.text
+    try:
+        r = requests.post(f"http://127.0.0.1:{AUTOML_PORT}/v1/predict", json={"inputs": [[[[0.0] * 28] * 28]]}, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert r.status_code == 200 and r.json()["model_version"] == model, r.text
+    finally:
+        assert run([DYNRAY, "keys", "revoke", kid], env).returncode == 0  # leave no live key behind (the key-material scan checks)
     down = run([DYNRAY, "serve", "down"], env, timeout=120)
     assert down.returncode == 0, down.stderr[-2000:]
 
