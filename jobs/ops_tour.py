@@ -8,7 +8,8 @@ Run by ``jobs.http_traffic`` (the demo's last step) on the app it deployed:
    of Jacobian-based model extraction (flagged by the extraction detector; action: log);
 3. the cloud replica killed under load (``jobs.serve_chaos``): every request still answered,
    the hard ones degraded to an edge exit until the replacement is up;
-4. a stream of inverted digits: the drift watch raises its alarm;
+4. a stream of inverted digits: the drift watch raises its alarm (or keeps the one the
+   perturbed and hard digits before it raised: an alarm is one episode);
 5. the node's metrics endpoint, scraped until every series of the graph is non-zero (Ray
    reports every 10 s by default), parsed with ``prometheus_client`` and saved as text.
 """
@@ -61,7 +62,7 @@ class TourResult:
             f"no key: {self.statuses['no_key']}; a 1/s key sent 6 at once: {self.rate_limited} answered 429",
             f"extraction-style client: {self.flags} flag(s) raised (action: log)",
             f"cloud replica killed under load: {c['answered']}/{c['requests']} answered, {c['degraded']} degraded, replaced in {c['recovery_s']:.1f} s",
-            f"inverted digits: {self.drift_alarms:.0f} drift alarm(s) raised",
+            f"drift alarms raised during the tour: {self.drift_alarms:.0f} (an alarm is one episode per ingress replica: perturbed, hard and inverted digits in turn)",
             f"metrics: {len(self.series)} dynray series non-zero on Ray's Prometheus endpoint" + (f"; missing: {', '.join(self.missing)}" if self.missing else " (all of them)")
             + (f"; saved to {self.metrics_file}" if self.metrics_file else ""),
         ]

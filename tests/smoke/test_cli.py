@@ -70,7 +70,7 @@ def test_after_the_demo_prometheus_served_every_dynray_series_with_non_zero_coun
     series = dynray_series(fams)
     for name in required:
         assert {M.TAG_NODE, *M.SPECS[name].tags} <= series[name].labels(), name
-    assert re.search(r"inverted digits: [1-9]\d* drift alarm", p.stdout) and "drift watch on dynnet-mnist-5k:v2: ok" in p.stdout, p.stdout[-2000:]
+    assert re.search(r"drift alarms raised during the tour: [1-9]\d*", p.stdout) and "drift watch on dynnet-mnist-5k:v2: ok" in p.stdout, p.stdout[-2000:]
     assert re.search(r"cloud replica killed under load: (\d+)/\1 answered, [1-9]\d* degraded", p.stdout), p.stdout[-2000:]
 
 
