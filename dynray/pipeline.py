@@ -14,6 +14,7 @@ import torch
 
 from dynray.bench import merge_section
 from dynray.bench.core import CoreBenchConfig, bench_core
+from dynray.bench.drift import quantise
 from dynray.data import Split, load_dataset
 from dynray.augment import random_affine
 from dynray.drift import REFERENCE_KEY, DriftReference, reference_from
@@ -99,7 +100,7 @@ def drift_reference(model, rule: ThresholdRule, val: Split, *, seed: int = 0) ->
     """What served traffic should look like, for the drift detector at the ingress: the val
     split and one copy of it under the training augmentation, answered by ``rule``."""
     gen = torch.Generator().manual_seed(seed)
-    aug = (random_affine(val.images, gen, hflip=val.images.shape[1] == 3).clamp(0, 1) * 255).round() / 255  # as a uint8 client sends it
+    aug = quantise(random_affine(val.images, gen, hflip=val.images.shape[1] == 3))  # as a uint8 client sends it
     images = torch.cat([val.images, aug])
     with torch.no_grad():
         probs = torch.cat([torch.softmax(model.forward_exits(images[i : i + 512], rule).logits.float(), dim=1) for i in range(0, len(images), 512)])
