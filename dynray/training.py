@@ -17,6 +17,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,7 +37,9 @@ from dynray.registry import default_home
 from dynray.annealing import anneal, anneal_vector
 from dynray.thresholds import ThresholdRule
 
-__all__ = ["TrainConfig", "TrainOutcome", "make_optimizer", "train_epoch", "evaluate", "without", "train_loop_per_worker", "fit"]
+ExtraLoss = Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
+
+__all__ = ["ExtraLoss", "TrainConfig", "TrainOutcome", "make_optimizer", "train_epoch", "train_local", "evaluate", "without", "train_loop_per_worker", "fit"]
 log = logging.getLogger(__name__)
 
 
@@ -150,8 +153,13 @@ def train_epoch(
     rank: int = 0,
     world: int = 1,
     step0: int = 0,
+    extra_loss: ExtraLoss | None = None,
 ) -> dict:
-    """One epoch on this rank's shard. ``net`` is ``model`` or its DDP wrapper."""
+    """One epoch on this rank's shard. ``net`` is ``model`` or its DDP wrapper.
+
+    ``extra_loss(xb, exit_logits, yb, loss) -> loss`` may reshape the step's loss (knowledge
+    distillation from a teacher, :mod:`dynray.compress.distill`); the recipe stays the same.
+    """
     n = len(data) // world  # equal shards keep DDP's all-reduces in step
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
     shard = order[rank * n : (rank + 1) * n]
@@ -174,8 +182,9 @@ def train_epoch(
         xb, yb = data.images[b_idx], data.labels[b_idx]  # [b, C, H, W], [b]
         if cfg.augment:
             xb = random_affine(xb, gen, hflip=xb.shape[1] == 3)
-        parts = loss_fn(net(xb), yb, weights)
-        loss = parts.total
+        outs = net(xb)
+        parts = loss_fn(outs, yb, weights)
+        loss = parts.total if extra_loss is None else extra_loss(xb, outs, yb, parts.total)
         if model.moe_by_stage:  # balance + z losses of the MoE gates, with their coefficients
             loss = loss + model.moe_aux_loss()
             usage.add(model.moe_outputs())
@@ -188,6 +197,19 @@ def train_epoch(
     if model.moe_by_stage:
         out["moe"] = usage.summary()
     return out
+
+
+def train_local(model: DynamicNet, train: Split, cfg: TrainConfig, *, extra_loss: ExtraLoss | None = None, on_epoch: Callable[[int, dict], None] | None = None) -> DynamicNet:
+    """Train ``model`` in this process with the same recipe as :func:`fit` (one worker, no Ray
+    Train): what compression runs use for fine-tuning and students. Returns it in eval mode."""
+    torch.manual_seed(cfg.seed)
+    opt = make_optimizer(model, cfg)
+    steps = len(train) // cfg.batch_size
+    for epoch in range(cfg.epochs):
+        stats = train_epoch(model, model, train, opt, cfg, epoch, step0=epoch * steps, extra_loss=extra_loss)
+        if on_epoch is not None:
+            on_epoch(epoch, stats)
+    return model.eval()
 
 
 @torch.no_grad()

@@ -37,6 +37,8 @@ def chain_steps(o: Path) -> list[tuple[str, str, list[str]]]:
         # the MoE bench trains the missing dense twin, starts one actor per expert and compares
         ("bench_moe", "dynray", ["bench", "moe", "--model", "jobs-smoke:v2", "--moe-epochs", "1", "--moe-workers", "1", "--moe-latency-calls", "3", "--json", str(o / "b.json")]),
         ("finetune", "dynray", ["finetune", "--model", "dynnet-mnist-5k:v2", "--epochs", "1", "--workers", "1", "--gradual", "--name", "ft"]),
+        # an int8 edge variant of the demo's calibrated model, registered as its child
+        ("compress_int8", "dynray", ["compress", "int8", "--model", "dynnet-mnist-5k:v2", "--calib-samples", "128"]),
         ("bench_nas", "dynray", ["bench", "nas", "--dataset", "mnist-5k", *NAS_TINY, "--json", str(o / "nas_run" / "b.json")]),
         ("bench_router", "dynray", ["bench", "router", "--shift-requests", "400", "--json", str(o / "router.json")]),
         # edge_only is all_cloud's deploy path on the other tier

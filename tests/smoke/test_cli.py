@@ -221,6 +221,23 @@ def test_finetune_registers_a_child(chain, env, monkeypatch, capsys):
     assert meta["parent"] == "dynnet-mnist-5k:v2" and meta["training"]["finetune"]["gradual"] is True
 
 
+def test_compress_int8_registers_a_smaller_child_that_loads(chain, env, monkeypatch, capsys):
+    p = _ok(chain["compress_int8"])
+    assert "registered dynnet-mnist-5k-int8:v1 (int8 variant of dynnet-mnist-5k:v2)" in p.stdout
+    meta = json.loads(_cli(["models", "show", "dynnet-mnist-5k-int8:v1"], env, monkeypatch, capsys)[1])
+    c = meta["compression"]
+    assert meta["parent"] == "dynnet-mnist-5k:v2" and meta["weights_format"].startswith("int8") and c["calib_samples"] == 128
+    assert c["parent_stats"]["size_bytes"] >= 2 * c["size_bytes"] and meta["thresholds"]["thresholds"] and meta["calibration"]["target"]
+    assert c["accuracy"] >= c["parent_stats"]["accuracy"] - 0.02  # a 1-epoch model: a loose bound; the bench measures the real one
+    monkeypatch.setenv("DYNRAY_HOME", env["DYNRAY_HOME"])
+    import torch
+
+    from dynray.registry import ModelRegistry
+    from dynray.store import load_model
+
+    assert load_model(ModelRegistry(), "dynnet-mnist-5k-int8:v1").model.forward_full(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
 def _models(env: dict) -> list[str]:
     return sorted(p.name for p in (Path(env["DYNRAY_HOME"]) / "models").glob("*/v*"))
 
@@ -259,6 +276,9 @@ def _models(env: dict) -> list[str]:
         (["nas", "run", "--trials", "0"], "at least one trial"),
         (["bench", "router", "--shift-requests", "5", "--json", "x.json"], "--shift-requests must be at least 100"),
         (["demo", "--http-limit", "0"], "--http-limit must be at least 1 image"),
+        (["compress", "int8", "--model", "nosuch"], "unknown model"),
+        (["compress", "int8", "--calib-samples", "0"], "the calibration set is empty"),
+        (["compress", "prune", "--ratio", "1.5"], "the pruning ratio must be in (0, 1)"),
     ],
 )
 def test_bad_input_gets_one_line_and_exit_2(demo, env, args, message, monkeypatch, capsys):
@@ -336,7 +356,7 @@ def test_tampered_checkpoint_is_refused(demo, env, tmp_path, clean_env):
 
 JOBS = sorted(p.stem for p in (ROOT / "jobs").glob("*.py") if not p.stem.startswith("_") and "\ndef main(" in p.read_text())  # jobs, not driver libraries
 HELP = [[], ["demo"], ["train"], ["finetune"], ["calibrate"], ["bench"], *[["bench", s] for s in ("core", "serve", "router", "moe", "nas")],
-        ["router", "train"], ["router", "cache"], ["router"], ["nas", "run"], ["models"], ["keys"], ["serve"], ["submit"]]
+        ["router", "train"], ["router", "cache"], ["router"], ["nas", "run"], ["models"], ["keys"], ["serve"], ["submit"], ["compress"], ["compress", "int8"]]
 
 
 def test_every_job_module_runs_as_python_m_with_help(env):
