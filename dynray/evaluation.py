@@ -14,10 +14,11 @@ from functools import cached_property
 
 import torch
 
+from dynray.data import Split
 from dynray.models.dynamic import DynamicNet, StopRule
 from dynray.models.moe import MoEOutput
 
-__all__ = ["ExitRecords", "Outcome", "collect_exit_outputs", "simulate", "oracle"]
+__all__ = ["ExitRecords", "Outcome", "collect_exit_outputs", "full_accuracy", "simulate", "oracle"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,14 @@ def collect_exit_outputs(
         cum_macs=torch.tensor(model.mac_profile.cumulative, dtype=torch.float64),
         full_macs=model.mac_profile.full,
     )
+
+
+@torch.no_grad()
+def full_accuracy(model: DynamicNet, data: Split, *, batch_size: int = 512) -> float:
+    """Accuracy of the full network (the last exit) on ``data``."""
+    model.eval()
+    pred = torch.cat([model.forward_full(data.images[i : i + batch_size]).argmax(1) for i in range(0, len(data), batch_size)])
+    return float((pred == data.labels).float().mean())
 
 
 def outcome_from_exits(rec: ExitRecords, exit_index: torch.Tensor) -> Outcome:

@@ -46,7 +46,7 @@ def _one_line(panel: str, prog: str) -> str:
     if not lines:
         return f"bad arguments (see {prog} --help)"
     title, body = lines[0], " ".join(lines[1:])
-    config_error = re.match(r"Error parsing \w+: (.*)", body)
+    config_error = re.search(r"Error parsing [\w.-]+: (.*)", body)
     if config_error:  # the Config's own validation (ConfigError from __post_init__): its message names the fix
         return config_error.group(1)
     return f"{title.rstrip(':')}: {body} (see {prog} --help)" if body else f"{title} (see {prog} --help)"

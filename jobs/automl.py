@@ -236,7 +236,7 @@ def run(cfg: Config) -> Result:
         if path.exists():
             prev = RunState.load(path)
             if prev.todo:
-                raise ConfigError("an unfinished AutoML run of this name exists", got=f"{prev.name}: done {prev.done}", fix=f"continue it with --resume, or start another with --name NEW")
+                raise ConfigError("an unfinished AutoML run of this name exists", got=f"{prev.name}: done {prev.done}", fix="continue it with --resume, or start another with --name NEW")
         state = RunState.new(cfg.run_name(), cfg.dataset, cfg.budget_minutes)
     left = state.budget_min - state.wall_s / 60
     try:

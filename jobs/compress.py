@@ -22,7 +22,8 @@ from typing import Annotated, Literal, Union
 
 import tyro
 
-from dynray.compress.variants import VariantStats, distilled_variant, int8_variant, measure, pruned_variant, register_variant
+from dynray.compress.register import register_variant
+from dynray.compress.variants import VariantStats, distilled_variant, int8_variant, measure, pruned_variant
 from dynray.data import load_dataset
 from dynray.errors import ConfigError
 from dynray.flags import guarded, parse, setup_logging

@@ -125,7 +125,10 @@ def format_drift(s: dict) -> str:
 def format_section(section: str, s: dict) -> str:
     """The printer of ``section`` (core for any section without its own)."""
     from dynray.bench.cluster import format_cluster
+    from dynray.bench.compress import format_compress
+    from dynray.bench.federated import format_federated
     from dynray.bench.security import format_security
 
     return {"core": format_core, "serve": format_serve, "router": format_router, "moe": format_moe, "nas": format_nas, "cluster": format_cluster,
-            "security": format_security, "drift": format_drift}.get(section, format_core)(s)
+            "security": format_security, "drift": format_drift, "compress": format_compress,
+            "federated": format_federated}.get(section, format_core)(s)

@@ -2,9 +2,8 @@
 
 One function per method builds the variant from the parent (:func:`int8_variant`,
 :func:`pruned_variant`, :func:`distilled_variant`); :func:`measure` takes its size (the bytes
-the registry stores), its CPU latency and its test accuracy; :func:`register_variant`
-calibrates its thresholds to the parent's own target on val, saves a drift reference and
-registers it as ``<parent name>-<method>`` with ``parent`` = the parent's ref.
+the registry stores), its CPU latency and its test accuracy;
+:func:`dynray.compress.register.register_variant` calibrates its thresholds and registers it.
 """
 
 from __future__ import annotations
@@ -21,17 +20,12 @@ from dynray.compress.distill import Distillation, student_config
 from dynray.compress.prune import prune_channels
 from dynray.compress.quant import int8_state, is_int8, quantize_int8
 from dynray.data import Split
-from dynray.drift import REFERENCE_KEY
-from dynray.evaluation import collect_exit_outputs
+from dynray.evaluation import full_accuracy
 from dynray.models.build import build
 from dynray.models.dynamic import DynamicNet
-from dynray.pipeline import drift_reference
-from dynray.registry import ModelInfo, ModelRegistry
-from dynray.store import StoredModel, save_model
-from dynray.thresholds import CalibrationTarget, calibrate
 from dynray.training import TrainConfig, train_local
 
-__all__ = ["VariantStats", "measure", "size_bytes", "int8_variant", "pruned_variant", "distilled_variant", "student_from_scratch", "register_variant"]
+__all__ = ["VariantStats", "measure", "size_bytes", "int8_variant", "pruned_variant", "distilled_variant", "student_from_scratch"]
 
 EpochHook = Callable[[int, dict], None]
 
@@ -69,9 +63,7 @@ def _median_ms(fn: Callable[[], object], reps: int) -> float:
 @torch.no_grad()
 def measure(model: DynamicNet, test: Split, *, reps: int = 30, threads: int = 1) -> VariantStats:
     """Size, one-thread CPU latency (batch 256 and 1) and test accuracy of the full network."""
-    model.eval()
-    pred = torch.cat([model.forward_full(test.images[i : i + 512]).argmax(1) for i in range(0, len(test), 512)])
-    acc = float((pred == test.labels).float().mean())
+    acc = full_accuracy(model, test)
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -114,19 +106,3 @@ def student_from_scratch(parent: DynamicNet, train: Split, recipe: TrainConfig, 
     """The same student, same init and recipe, without the teacher: the baseline distillation must beat."""
     s = _student(parent, width_mult, recipe.seed)
     return train_local(s, train, dataclasses.replace(recipe, model=s.cfg), on_epoch=on_epoch)
-
-
-def register_variant(registry: ModelRegistry, parent: StoredModel, model: DynamicNet, *, method: str, val: Split, stats: VariantStats, details: dict) -> ModelInfo:
-    """Calibrate ``model`` to the parent's calibration target on val and register it as a child."""
-    target = CalibrationTarget(**parent.info.meta.get("calibration", {}).get("target", {"max_drop": 0.005}))
-    rec = collect_exit_outputs(model, val.images, val.labels)
-    res = calibrate(rec, target)
-    compression = {"method": method, "parent": parent.info.ref, **stats.to_dict(), **details}
-    calibration = {"target": dataclasses.asdict(target), "val_accuracy": res.val.accuracy, "val_reference_accuracy": res.reference_accuracy,
-                   "val_mean_macs": res.val.mean_macs, "val_macs_saving": rec.full_macs / res.val.mean_macs, "val_exit_fractions": list(res.val.exit_fractions)}
-    return save_model(
-        registry, f"{parent.info.name}-{method}", model, dataset=parent.dataset, rule=res.rule,
-        metrics={"val_accuracy_full": rec.exit_accuracy()[-1], "val_exit_accuracy": rec.exit_accuracy()},
-        extra={"compression": compression, "calibration": calibration, "thresholds_source": "calibrated", REFERENCE_KEY: drift_reference(model, res.rule, val).to_dict()},
-        parent=parent.info.ref,
-    )

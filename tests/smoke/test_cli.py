@@ -251,7 +251,7 @@ def _models(env: dict) -> list[str]:
         (["bench", "core", "--model", "dynnet-mnist-5k:v9", "--json", "x.json"], "unknown version"),
         (["calibrate", "--model", "dynnet-mnist-5k:v1", "--macs-budget", "10"], "MAC budget"),
         (["calibrate", "--model", "dynnet-mnist-5k:v1", "--max-drop", "-1"], "impossible"),
-        (["bench", "compress", "--json", "x.json"], "unknown bench section"),
+        (["bench", "gan", "--json", "x.json"], "unknown bench section"),
         (["bench", "drift", "--model", "dynnet-mnist-5k:v1", "--json", "x.json"], "no drift reference"),
         (["automl", "--budget-minutes", "1"], "give --budget-minutes 5.2 or more"),
         (["automl", "--resume", "--name", "nosuch"], "no AutoML run to resume"),
