@@ -315,7 +315,7 @@ def _device(tier: str, name: str, t: TierArgs, args: AppArgs, home: str, *, last
         health_check_timeout_s=10.0,
         graceful_shutdown_wait_loop_s=0.1,
         graceful_shutdown_timeout_s=1.0,
-        user_config={"models": list(args.models), "home": home},
+        user_config={"models": list(args.models), "home": home, **({"variants": dict(t.variants)} if t.variants else {})},
     )
     if args.scheduling.replica_router == "policy":
         opts["request_router_config"] = RequestRouterConfig(

@@ -37,6 +37,7 @@ from dynray.routing.policy import PolicyNet, find_policy, load_policy
 from dynray.routing.rules import make_rule
 from dynray.serving.scheduling import DeviceProfile, LoadTracker
 from dynray.serving.config import DeviceUserConfig
+from dynray.models.config import config_to_dict
 from dynray.store import StoredModel, load_model
 
 __all__ = ["Device"]
@@ -80,7 +81,8 @@ class Device:
         self.first_stage, self.last_stage, self.full, self.simulate = first_stage, last_stage, full, simulate
         self.tracker = LoadTracker()
         self.counts = {"forwards": 0, "requests": 0, "samples": 0, "max_requests": 0, "max_samples": 0, "compute_s": 0.0}  # batch fill, real compute time
-        self.models: dict[str, StoredModel] = {}
+        self.models: dict[str, StoredModel] = {}  # served version -> the model run for it (a tier variant, or itself)
+        self.runs: dict[str, str] = {}  # served version -> the registry version run for it
         self.policies: dict[str, PolicyNet | None] = {}  # version -> its exported PPO router, if registered
         self.hybrids: dict[str, HybridRouter] = {}
         self.hybrid_cfg = HybridConfig(**(hybrid or {}))
@@ -101,9 +103,12 @@ class Device:
         reg = registry_for(self.registry, cfg.home)
         loaded: dict[str, StoredModel] = {}
         policies: dict[str, PolicyNet | None] = {}
+        self.runs: dict[str, str] = {}
         for ref in cfg.models:
             concrete = reg.resolve(ref).ref
-            sm = self.models.get(concrete) or load_model(reg, concrete)
+            variant = cfg.variants.get(ref) or cfg.variants.get(concrete)
+            sm = self._variant(reg, concrete, variant) if variant else (self.models.get(concrete) or load_model(reg, concrete))
+            self.runs[concrete] = sm.info.ref
             self._range(sm)  # refuse a model the configured stage range does not fit
             if self.expert_hosts and sm.model.moe_by_stage:
                 attach_remote_experts(sm.model, concrete, self.expert_hosts, timeout_s=self.expert_timeout_s)
@@ -116,6 +121,23 @@ class Device:
 
     def versions(self) -> list[str]:
         return sorted(self.models)
+
+    def hosting(self) -> dict[str, str]:
+        """Served version -> the registry version this device really runs for it."""
+        return dict(self.runs)
+
+    def _variant(self, reg, served: str, ref: str) -> StoredModel:
+        """A compressed child of ``served`` to run in its place: it must descend from it and keep its architecture."""
+        sm = load_model(reg, ref)
+        parent = load_model(reg, served)
+        lineage = {sm.info.meta.get("parent"), sm.info.meta.get("compression", {}).get("parent")}
+        if served not in lineage:
+            raise ServingError("a tier variant must be a compressed child of the version it stands in for", got={"variant": sm.info.ref, "its parent": sm.info.meta.get("parent"), "served": served},
+                               fix=f"make one with `dynray compress int8 --model {served}`")
+        if config_to_dict(sm.model.cfg) != config_to_dict(parent.model.cfg):
+            raise ServingError("a tier variant must keep the served version's architecture: the other tier continues from its features", got=sm.info.ref,
+                               fix="use an int8 variant (`dynray compress int8`); serve a pruned or distilled variant as a version of its own")
+        return sm
 
     def _range(self, sm: StoredModel, start: int | None = None) -> StageRange:
         k = sm.model.num_exits

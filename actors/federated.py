@@ -174,7 +174,9 @@ def _round(server: Server, actors: list, r: int, weights: dict[int, float], cfg:
             u = ray.get(f)
             updates[u.client] = u
         except ray.exceptions.RayActorError:
-            pass
+            pass  # died mid-round: dropped
+        except ray.exceptions.RayTaskError as e:  # the client's round failed (e.g. a weights checksum): dropped, not the run
+            log.warning("round %d: client %d failed its round: %s", r, futures[f], str(e.cause if e.cause is not None else e)[:300])
     for f in late:
         ray.cancel(f, force=True)
     dropped = sorted(set(alive) - set(updates))

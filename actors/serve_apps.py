@@ -68,9 +68,9 @@ def app_config(args: AppArgs, *, name: str, route_prefix: str) -> dict:
     uc = {"models": list(args.models), "home": args.home}
     deployments = [{"name": INGRESS, "user_config": {**uc, "weights": args.weights}}]
     if "edge" in args.tiers():
-        deployments.append({"name": EDGE, "user_config": uc})
+        deployments.append({"name": EDGE, "user_config": {**uc, **({"variants": dict(args.edge.variants)} if args.edge.variants else {})}})
     if "cloud" in args.tiers():
-        deployments.append({"name": CLOUD, "user_config": uc})
+        deployments.append({"name": CLOUD, "user_config": {**uc, **({"variants": dict(args.cloud.variants)} if args.cloud.variants else {})}})
     deployments += [{"name": expert_name(e), "user_config": uc} for e in range(args.experts.count) if args.system != "noop"]
     if args.system == "noop":
         deployments = []

@@ -83,14 +83,16 @@ class PruneConfig(_Common):
 class DistillConfig(_Common):
     """distill: a narrower student trained to match the parent (knowledge distillation)."""
 
-    student_width: float = 0.5
+    student_width: float = 0.25
     """Student stage widths as a share of the parent's."""
     epochs: int = 20
     """Student training epochs."""
-    alpha: float = 0.7
+    alpha: float = 0.9
     """Share of the loss from the teacher's softened answers."""
-    temperature: float = 4.0
+    temperature: float = 2.0
     """Distillation temperature."""
+    last_exit_only: bool = True
+    """Distil into the student's last exit only (its early exits self-distil from it); --no-last-exit-only distils into every exit."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.student_width <= 1.0:
@@ -157,8 +159,9 @@ def run(cfg: Int8Config | PruneConfig | DistillConfig) -> Result:
         details = {"ratio": cfg.ratio, "epochs": cfg.epochs, "distill_alpha": cfg.distill_alpha}
     else:
         log.info("distilling %s into a student %.2fx as wide, %d epochs", parent.info.ref, cfg.student_width, cfg.epochs)
-        model = distilled_variant(parent.model, train, replace(recipe, epochs=cfg.epochs), width_mult=cfg.student_width, alpha=cfg.alpha, temperature=cfg.temperature, on_epoch=_log_epoch(cfg.epochs))
-        details = {"student_width": cfg.student_width, "epochs": cfg.epochs, "alpha": cfg.alpha, "temperature": cfg.temperature}
+        model = distilled_variant(parent.model, train, replace(recipe, epochs=cfg.epochs), width_mult=cfg.student_width, alpha=cfg.alpha, temperature=cfg.temperature,
+                                  last_exit_only=cfg.last_exit_only, on_epoch=_log_epoch(cfg.epochs))
+        details = {"student_width": cfg.student_width, "epochs": cfg.epochs, "alpha": cfg.alpha, "temperature": cfg.temperature, "last_exit_only": cfg.last_exit_only}
     parent_stats, stats = measure(parent.model, test), measure(model, test)
     details["parent_stats"] = parent_stats.to_dict()
     info = register_variant(registry, parent, model, method=_METHOD[type(cfg)], val=val, stats=stats, details=details)

@@ -46,14 +46,16 @@ class CompressBenchConfig:
     """Fine-tuning epochs after pruning."""
     prune_lr: float = 2e-3
     """Peak fine-tuning learning rate."""
-    student_width: float = 0.5
+    student_width: float = 0.25
     """Student stage widths as a share of the parent's."""
     student_epochs: int = 20
     """Epochs of both students (distilled and from scratch)."""
-    distill_alpha: float = 0.7
+    distill_alpha: float = 0.9
     """Share of the distilled student's loss from the teacher."""
-    distill_temperature: float = 4.0
+    distill_temperature: float = 2.0
     """Distillation temperature."""
+    distill_last_exit_only: bool = True
+    """Distil into the student's last exit only (its early exits self-distil from it)."""
     latency_reps: int = 30
     """Timed batches per latency figure."""
 
@@ -79,7 +81,8 @@ def bench_compress(parent: DynamicNet, train: Split, test: Split, *, cfg: Compre
         pruned_rows.append({"seed": seed, "accuracy": acc, "accuracy_drop": float_ref.accuracy - acc, "macs_full": int(p.mac_profile.full)})
         log.info("pruned 50%% (seed %d): accuracy %.4f at %d MACs", seed, pruned_rows[-1]["accuracy"], p.mac_profile.full)
         sr = dataclasses.replace(r, epochs=cfg.student_epochs)
-        student = full_accuracy(distilled_variant(parent, train, sr, width_mult=cfg.student_width, alpha=cfg.distill_alpha, temperature=cfg.distill_temperature), test)
+        student = full_accuracy(distilled_variant(parent, train, sr, width_mult=cfg.student_width, alpha=cfg.distill_alpha, temperature=cfg.distill_temperature,
+                                                   last_exit_only=cfg.distill_last_exit_only), test)
         scratch = full_accuracy(student_from_scratch(parent, train, sr, width_mult=cfg.student_width), test)
         distill_rows.append({"seed": seed, "student": student, "scratch": scratch})
         log.info("distillation (seed %d): student %.4f, same student from scratch %.4f", seed, student, scratch)
@@ -95,7 +98,8 @@ def bench_compress(parent: DynamicNet, train: Split, test: Split, *, cfg: Compre
     out["pruned50"] = {"accuracy_drop": max(row["accuracy_drop"] for row in pruned_rows), "macs_ratio": float_ref.macs_full / mean(pruned_rows, "macs_full"),
                        "per_seed": pruned_rows, "epochs": cfg.prune_epochs}
     out["distill"] = {"student": mean(distill_rows, "student"), "scratch": mean(distill_rows, "scratch"), "wins": sum(r["student"] > r["scratch"] for r in distill_rows),
-                      "per_seed": distill_rows, "student_width": cfg.student_width, "epochs": cfg.student_epochs, "alpha": cfg.distill_alpha, "temperature": cfg.distill_temperature}
+                      "per_seed": distill_rows, "student_width": cfg.student_width, "epochs": cfg.student_epochs, "alpha": cfg.distill_alpha, "temperature": cfg.distill_temperature,
+                      "last_exit_only": cfg.distill_last_exit_only}
     return out
 
 

@@ -56,7 +56,7 @@ class FedConfig:
             check_threshold(self.clients, self.secagg_threshold)
             if self.codec.kind != "dense":
                 raise ConfigError("secure aggregation sums masked dense vectors; a compressed update cannot be masked", got=self.codec.kind,
-                                  fix="use --codec.kind dense with --secure-agg, or drop --secure-agg to compress")
+                                  fix="use --kind dense with --secure-agg, or drop --secure-agg to compress")
 
 
 @dataclass(frozen=True)

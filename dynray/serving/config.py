@@ -74,6 +74,7 @@ class TierArgs(_Strict):
     num_cpus: float = Field(1.0, ge=1, description="logical CPUs each replica reserves, with its tier's resource: what the scheduler and the autoscaler see as its load")
     threads: int = Field(1, ge=1, description="torch intra-op threads per replica (Ray gives a 1-CPU actor one)")
     profile: dict = Field(default_factory=dict, description="DeviceProfile fields; default: the tier's standard profile")
+    variants: dict[str, str] = Field(default_factory=dict, description="served ref -> registry ref of a compressed child this tier runs in its place (an int8 variant from `dynray compress int8`, which keeps the architecture, so the other tier continues from its features); answers and metrics keep the served version")
 
     @model_validator(mode="after")
     def _check(self) -> TierArgs:
@@ -254,6 +255,7 @@ class DeviceUserConfig(_Strict):
 
     models: list[str] = Field(description="registry refs this device hosts (resolved to name:vN on load)")
     home: str | None = None
+    variants: dict[str, str] = Field(default_factory=dict, description="served ref (as in models, or name:vN) -> the compressed child run in its place")
 
 
 class IngressUserConfig(_Strict):

@@ -279,6 +279,10 @@ def _models(env: dict) -> list[str]:
         (["compress", "int8", "--model", "nosuch"], "unknown model"),
         (["compress", "int8", "--calib-samples", "0"], "the calibration set is empty"),
         (["compress", "prune", "--ratio", "1.5"], "the pruning ratio must be in (0, 1)"),
+        (["federated", "--clients", "2", "--secure-agg"], "fewer clients than the secure-aggregation threshold"),
+        (["federated", "--secure-agg", "--kind", "topk"], "a compressed update cannot be masked"),
+        (["federated", "--drop-client", "7"], "name no client and round"),
+        (["bench", "federated", "--kind", "dense", "--json", "x.json"], "--kind must name a compressing codec"),
     ],
 )
 def test_bad_input_gets_one_line_and_exit_2(demo, env, args, message, monkeypatch, capsys):
@@ -356,7 +360,7 @@ def test_tampered_checkpoint_is_refused(demo, env, tmp_path, clean_env):
 
 JOBS = sorted(p.stem for p in (ROOT / "jobs").glob("*.py") if not p.stem.startswith("_") and "\ndef main(" in p.read_text())  # jobs, not driver libraries
 HELP = [[], ["demo"], ["train"], ["finetune"], ["calibrate"], ["bench"], *[["bench", s] for s in ("core", "serve", "router", "moe", "nas")],
-        ["router", "train"], ["router", "cache"], ["router"], ["nas", "run"], ["models"], ["keys"], ["serve"], ["submit"], ["compress"], ["compress", "int8"]]
+        ["router", "train"], ["router", "cache"], ["router"], ["nas", "run"], ["models"], ["keys"], ["serve"], ["submit"], ["compress"], ["compress", "int8"], ["federated"], ["bench", "federated"], ["bench", "compress"]]
 
 
 def test_every_job_module_runs_as_python_m_with_help(env):
