@@ -21,7 +21,7 @@ import ray
 import torch
 
 from dynray.data import Split, load_dataset
-from dynray.errors import DynrayError, IntegrityError
+from dynray.errors import DynrayError, IntegrityError, ServingError
 from dynray.evaluation import full_accuracy
 from dynray.federated.client import ClientUpdate, LocalClient
 from dynray.federated.server import FedConfig, RoundRecord, Server
@@ -108,7 +108,11 @@ def run_federated(
     remote = ray.remote(max_restarts=-1, max_task_retries=0)(FederatedClientActor)
     actors = [remote.options(num_cpus=cpus_per_client, resources={tier: 1}, name=None).remote(i, dataset, s.tolist(), model, recipe, cfg, data_root) for i, s in enumerate(shards)]
     try:
-        placement = ray.get([a.placement.remote() for a in actors], timeout=round_timeout_s)
+        try:
+            placement = ray.get([a.placement.remote() for a in actors], timeout=round_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ServingError(f"the {cfg.clients} client actors could not be placed on `{tier}` nodes within {round_timeout_s:.0f} s", got=ray.cluster_resources().get(tier, 0.0),
+                               fix=f"run on a cluster with {tier} nodes (`dynray cluster up --local`), or pass --tier / --cpus-per-client that fit it") from None
         torch.manual_seed(cfg.seed)
         server = Server(build(model), cfg)
         weights = server.weights({i: len(s) for i, s in enumerate(shards)})
@@ -142,7 +146,7 @@ def _reachable(actors: list, r: int, wait_s: float) -> list[int]:
             break
         if pending:
             time.sleep(0.2)
-    if pending or len(ok) < len(actors):
+    if len(ok) < len(actors):
         log.warning("round %d: client(s) %s unreachable; they sit this round out", r, sorted(set(range(len(actors))) - set(ok)))
     return sorted(ok)
 

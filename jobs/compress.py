@@ -83,16 +83,16 @@ class PruneConfig(_Common):
 class DistillConfig(_Common):
     """distill: a narrower student trained to match the parent (knowledge distillation)."""
 
-    student_width: float = 0.25
+    student_width: float = 0.5
     """Student stage widths as a share of the parent's."""
     epochs: int = 20
     """Student training epochs."""
-    alpha: float = 0.9
+    alpha: float = 0.7
     """Share of the loss from the teacher's softened answers."""
-    temperature: float = 2.0
+    temperature: float = 4.0
     """Distillation temperature."""
-    last_exit_only: bool = True
-    """Distil into the student's last exit only (its early exits self-distil from it); --no-last-exit-only distils into every exit."""
+    last_exit_only: bool = False
+    """Distil into the student's last exit only (its early exits self-distil from it); default: every exit."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.student_width <= 1.0:

@@ -46,16 +46,16 @@ class CompressBenchConfig:
     """Fine-tuning epochs after pruning."""
     prune_lr: float = 2e-3
     """Peak fine-tuning learning rate."""
-    student_width: float = 0.25
+    student_width: float = 0.5
     """Student stage widths as a share of the parent's."""
     student_epochs: int = 20
     """Epochs of both students (distilled and from scratch)."""
-    distill_alpha: float = 0.9
+    distill_alpha: float = 0.7
     """Share of the distilled student's loss from the teacher."""
-    distill_temperature: float = 2.0
+    distill_temperature: float = 4.0
     """Distillation temperature."""
-    distill_last_exit_only: bool = True
-    """Distil into the student's last exit only (its early exits self-distil from it)."""
+    distill_last_exit_only: bool = False
+    """Distil into the student's last exit only (its early exits self-distil from it); default: every exit."""
     latency_reps: int = 30
     """Timed batches per latency figure."""
 

@@ -94,7 +94,7 @@ def plot_bytes(section: dict, path: str | Path) -> str:
         for j, row in enumerate(section["per_seed"]):
             c = row["runs"][name]["curve"]
             ax.plot([p["bytes_up"] / 1e6 for p in c], [p["accuracy"] for p in c], color=f"C{k}", alpha=0.85, marker=".", markersize=3,
-                    label=f"{name} ({row['runs'][name]['bytes_ratio']:.1f}x fewer bytes)" if j == 0 else None)
+                    label=f"{name} ({row['runs'][name]['bytes_ratio']:.2f}x fewer bytes)" if j == 0 else None)
     for j, row in enumerate(section["per_seed"]):
         ax.axhline(row["accuracy_central"], color="black", linestyle=":", linewidth=1, label="centralised (per seed)" if j == 0 else None)
     ax.set_xscale("log")

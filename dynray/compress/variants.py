@@ -95,7 +95,7 @@ def _student(parent: DynamicNet, width_mult: float, seed: int) -> DynamicNet:
     return s
 
 
-def distilled_variant(parent: DynamicNet, train: Split, recipe: TrainConfig, *, width_mult: float = 0.25, alpha: float = 0.9, temperature: float = 2.0, last_exit_only: bool = True,
+def distilled_variant(parent: DynamicNet, train: Split, recipe: TrainConfig, *, width_mult: float = 0.5, alpha: float = 0.7, temperature: float = 4.0, last_exit_only: bool = False,
                       on_epoch: EpochHook | None = None) -> DynamicNet:
     """A student ``width_mult`` as wide as the parent, trained with ``recipe`` to match the parent."""
     s = _student(parent, width_mult, recipe.seed)
@@ -103,7 +103,7 @@ def distilled_variant(parent: DynamicNet, train: Split, recipe: TrainConfig, *, 
     return train_local(s, train, dataclasses.replace(recipe, model=s.cfg), extra_loss=kd, on_epoch=on_epoch)
 
 
-def student_from_scratch(parent: DynamicNet, train: Split, recipe: TrainConfig, *, width_mult: float = 0.25, on_epoch: EpochHook | None = None) -> DynamicNet:
+def student_from_scratch(parent: DynamicNet, train: Split, recipe: TrainConfig, *, width_mult: float = 0.5, on_epoch: EpochHook | None = None) -> DynamicNet:
     """The same student, same init and recipe, without the teacher: the baseline distillation must beat."""
     s = _student(parent, width_mult, recipe.seed)
     return train_local(s, train, dataclasses.replace(recipe, model=s.cfg), on_epoch=on_epoch)

@@ -46,3 +46,10 @@ def test_compressed_updates_cross_in_fewer_bytes(ray_session, mnist5k):
     assert run.records[0].clients == [0, 1, 2, 3]
     assert 4 * dense_payload / run.bytes_up >= 4.0
     assert run.bytes_down == 4 * run.records[0].bytes_down // 4 > 0
+
+
+def test_clients_that_cannot_be_placed_get_an_error_naming_the_fix(ray_session):
+    from dynray.errors import ServingError
+
+    with pytest.raises(ServingError, match="could not be placed on `nosuch` nodes"):
+        run_federated(FedConfig(clients=2, rounds=1), dataset="mnist-5k", model=TINY, recipe=TrainConfig(workers=1), test=None, tier="nosuch", round_timeout_s=3)
