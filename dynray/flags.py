@@ -46,8 +46,11 @@ def _one_line(panel: str, prog: str) -> str:
     if not lines:
         return f"bad arguments (see {prog} --help)"
     title, body = lines[0], " ".join(lines[1:])
-    config_error = re.search(r"Error parsing [\w.-]+: (.*)", body)
-    if config_error:  # the Config's own validation (ConfigError from __post_init__): its message names the fix
+    # the Config's own validation (ConfigError from __post_init__, of a nested config too, which tyro
+    # names "__tyro-dummy-inner__.fed"): its message names the fix. A bad flag value ("Error parsing
+    # --epochs: ...") keeps tyro's whole line, so the flag stays named.
+    config_error = re.search(r"Error parsing (?!-)[\w.-]+: (.*)", body)
+    if config_error:
         return config_error.group(1)
     return f"{title.rstrip(':')}: {body} (see {prog} --help)" if body else f"{title} (see {prog} --help)"
 

@@ -28,3 +28,20 @@ def test_after_the_separator_everything_is_the_jobs():
 def test_a_flag_without_its_value_is_refused():
     with pytest.raises(UsageError, match="--address needs a value"):
         _split_submit(["train", "--address"], "dynray submit")
+
+
+@pytest.mark.parametrize("module, argv, says, not_says", [
+    ("train", ["--epochs", "many"], ["--epochs", "invalid literal"], []),  # a bad flag value keeps the flag's name
+    ("bench", ["federated", "--json", "x.json", "--rounds", "0"], ["clients, rounds and local_epochs must be >= 1", "fix:"], ["Error parsing", "tyro"]),  # a nested config's own error, as written
+    ("bench", ["compress", "--json", "x.json", "--calib-samples", "0"], ["the compress bench needs", "fix:"], ["Error parsing", "tyro"]),
+])
+def test_parse_errors_are_one_line_that_names_the_flag_or_the_fix(module, argv, says, not_says):
+    import importlib
+
+    from dynray.errors import DynrayError
+    from dynray.flags import parse
+
+    with pytest.raises(DynrayError) as e:
+        parse(importlib.import_module(f"jobs.{module}").Config, argv, prog="x")
+    msg = str(e.value)
+    assert "\n" not in msg and all(s in msg for s in says) and not any(s in msg for s in not_says), msg
