@@ -163,7 +163,7 @@ def _parser(prog: str, description: str) -> _Parser:
 
 # -- submit -----------------------------------------------------------------------------
 
-SUBMIT_STEPS = ("train", "finetune", "calibrate", "bench", "nas", "train_router", "router_cache", "deploy", "demo", "automl", "compress", "federated")
+SUBMIT_STEPS = ("train", "finetune", "calibrate", "bench", "nas", "train_router", "router_cache", "deploy", "demo", "automl", "compress", "gan", "federated")
 """Jobs `dynray submit` can send (each runs as ``python -m jobs.STEP`` on the cluster)."""
 _SUBMIT_FLAGS = {"--address": True, "--local-python": False, "--env": True, "--no-wait": False}
 
@@ -245,8 +245,9 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train a DynamicNet with Ray Train and register it", _job("train")),
     "finetune": Command("fine-tune a registered model (freeze, unfreeze last N, gradual, split LRs)", _job("finetune")),
     "calibrate": Command("calibrate thresholds on the val split (registers a child version)", _job("calibrate")),
-    "bench": Command("measure a section (core, serve, router, moe, nas, cluster, security, drift, compress, federated) into the bench JSON", _job("bench")),
+    "bench": Command("measure a section (core, serve, router, moe, nas, cluster, security, drift, compress, gan, federated) into the bench JSON", _job("bench")),
     "compress": Command("edge variants of a model: int8 quantisation, channel pruning or distillation (registers a child version)", _job("compress")),
+    "gan": Command("train a class-conditional GAN on a dataset (sample grid PNG, quality check); registers the generator for train --synthetic", _job("gan")),
     "federated": Command("FedAvg across device actors on edge nodes (non-IID shards; compressed updates, secure aggregation); registers the model", _job("federated")),
     "router": Command("train the PPO router of a model (train), or cache its exit outputs (cache)", _actions({"train": "train_router", "cache": "router_cache"})),
     "nas": Command("neural architecture search with Ray Tune (run)", _actions({"run": "nas"})),

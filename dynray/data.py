@@ -28,7 +28,7 @@ import torch
 
 from dynray.errors import ConfigError, DatasetNotFoundError, UnknownNameError
 
-__all__ = ["Split", "DatasetSpec", "load_dataset", "dataset_names", "dataset_spec", "data_root", "SPLITS"]
+__all__ = ["Split", "DatasetSpec", "load_dataset", "subsample", "subsample_indices", "dataset_names", "dataset_spec", "data_root", "SPLITS"]
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,29 @@ def load_dataset(name: str, split: str, *, root: str | Path | None = None,
             got=out.input_shape, fix=f"replace the files under {root_path} with the official ones")
     log.debug("loaded %s/%s: %d images of shape %s", name, split, len(out), out.input_shape)
     return out
+
+
+def subsample(split: Split, fraction: float, *, seed: int = 0) -> Split:
+    """``fraction`` of each class of ``split`` (at least one sample of each class present),
+    picked by ``seed``: the low-data setting of ``dynray train --train-fraction`` and of the
+    GAN bench. ``fraction=1`` returns ``split`` itself."""
+    if fraction == 1.0:
+        return split
+    order = subsample_indices(split.labels, fraction, seed=seed)
+    return Split(name=split.name, split=split.split, images=split.images[order], labels=split.labels[order], num_classes=split.num_classes)
+
+
+def subsample_indices(labels: torch.Tensor, fraction: float, *, seed: int = 0) -> torch.Tensor:
+    """The sorted indices :func:`subsample` keeps."""
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError("the training fraction must lie in (0, 1]", got=fraction, fix="e.g. --train-fraction 0.1 for 10% of each class")
+    rng = np.random.default_rng(seed)
+    y = labels.numpy()
+    keep = []
+    for c in np.unique(y):  # sorted: the pick depends only on the labels and the seed
+        idx = np.flatnonzero(y == c)
+        keep.append(idx[rng.permutation(len(idx))[: max(1, math.floor(fraction * len(idx) + 0.5))]])
+    return torch.from_numpy(np.sort(np.concatenate(keep))).long()
 
 
 def _resolve_download(download: bool | None) -> bool:

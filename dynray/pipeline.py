@@ -41,15 +41,17 @@ def _train_summary(cfg: TrainConfig) -> dict:
 
 def train_and_register(
     cfg: TrainConfig, registry: ModelRegistry, *, name: str | None = None, parent: str | None = None,
-    init_state: dict[str, torch.Tensor] | None = None, val: Split | None = None,
+    init_state: dict[str, torch.Tensor] | None = None, val: Split | None = None, synthetic: Split | None = None, extra: dict | None = None,
 ) -> tuple[ModelInfo, TrainOutcome]:
     """Train with Ray Train, evaluate on val and register the model with default thresholds.
 
-    ``val`` may be passed by a caller that already loaded it (as a pre-flight check).
+    ``val`` may be passed by a caller that already loaded it (as a pre-flight check);
+    ``synthetic`` images join the training split (``dynray train --synthetic``); ``extra``
+    goes into the registered meta.
     """
     if val is None:
         val = load_dataset(cfg.dataset, "val", root=cfg.data_root)  # missing files fail here, not in a worker
-    outcome = fit(cfg, init_state=init_state)
+    outcome = fit(cfg, init_state=init_state, synthetic=synthetic)
     rec = collect_exit_outputs(outcome.model, val.images, val.labels)
     rule = ThresholdRule(thresholds=(cfg.threshold_end,) * (outcome.model.num_exits - 1))
     adaptive = simulate(rec, rule)
@@ -63,7 +65,7 @@ def train_and_register(
     }
     info = save_model(
         registry, name or model_name(cfg.dataset), outcome.model, dataset=cfg.dataset, rule=rule, metrics=metrics,
-        extra={"training": _train_summary(cfg), "history": outcome.history, "thresholds_source": "training default (uncalibrated)"},
+        extra={"training": _train_summary(cfg), "history": outcome.history, "thresholds_source": "training default (uncalibrated)", **(extra or {})},
         parent=parent,
     )
     log.info("registered %s (val accuracy %.4f at the last exit)", info.ref, metrics["val_accuracy_full"])

@@ -264,8 +264,9 @@ class ModelRegistry:
         if ref is None:
             if "production" in self._read_stages(strict=True):
                 return self.resolve("production")
-            # artifacts attached to a model version (e.g. its router) are never the default model
-            infos = [i for i in self.list() if not i.meta.get("attached_to")]
+            # artifacts attached to a model version (e.g. its router) and other kinds (a cGAN
+            # generator) are never the default model
+            infos = [i for i in self.list() if not i.meta.get("attached_to") and i.meta.get("kind", "dynamic_net") == "dynamic_net"]
             if not infos:
                 raise RegistryError(f"no readable models in {self.home}", fix=_TRAIN_FIX)
             return max(infos, key=lambda i: (_created(i), i.name, i.version))

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dynray.augment import random_affine
-from dynray.data import Split, dataset_spec, load_dataset
+from dynray.data import Split, dataset_spec, load_dataset, subsample
 from dynray.errors import ConfigError
 from dynray.evaluation import collect_exit_outputs, simulate
 from dynray.finetune import FinetuneConfig, param_groups, set_frozen_modes, trainable_stages
@@ -39,7 +39,7 @@ from dynray.thresholds import ThresholdRule
 
 ExtraLoss = Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["ExtraLoss", "TrainConfig", "TrainOutcome", "make_optimizer", "train_epoch", "train_local", "evaluate", "without", "train_loop_per_worker", "fit"]
+__all__ = ["ExtraLoss", "TrainConfig", "TrainOutcome", "make_optimizer", "train_epoch", "train_local", "evaluate", "training_split", "without", "train_loop_per_worker", "fit"]
 log = logging.getLogger(__name__)
 
 
@@ -87,6 +87,10 @@ class TrainConfig:
     """Fine-tuning plan when starting from a registered model."""
     exclude_train: tuple[int, ...] = ()
     """Training-split indices left out (what a data audit flagged: ``dynray train --audit-data drop``)."""
+    train_fraction: float = 1.0
+    """Share of each class of the training split used, picked by ``seed`` (the low-data setting)."""
+    real_repeats: int = 1
+    """Copies of the real images next to synthetic ones (sets the real share of each batch)."""
 
     def __post_init__(self) -> None:
         dataset_spec(self.dataset)  # unknown names fail here, before any worker starts
@@ -94,6 +98,10 @@ class TrainConfig:
             raise ConfigError("epochs, batch_size and workers must be >= 1", got=(self.epochs, self.batch_size, self.workers), fix="e.g. --epochs 15 --workers 2")
         if self.lr <= 0:
             raise ConfigError("lr must be positive", got=self.lr, fix="e.g. --lr 3e-3")
+        if self.real_repeats < 1:
+            raise ConfigError("real_repeats must be >= 1", got=self.real_repeats, fix="e.g. --real-repeats 9 (half of each batch real next to 9x as many samples)")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ConfigError("train_fraction must lie in (0, 1]", got=self.train_fraction, fix="e.g. --train-fraction 0.1 for 10% of each class")
         for w in (self.exit_weights_start, self.exit_weights_end):
             if w is not None and (len(w) != self.model_config().num_exits or min(w) < 0 or sum(w) <= 0):
                 raise ConfigError("exit weights need one non-negative value per exit", got=w, fix=f"give {self.model_config().num_exits} values")
@@ -248,6 +256,20 @@ def _quiet_ray_train_logs() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
+def training_split(cfg: TrainConfig, synthetic: Split | None = None) -> tuple[Split, Split]:
+    """(real, trained-on): the training split less ``exclude_train``, ``train_fraction`` of
+    each class of it, and that (``real_repeats`` times) plus ``synthetic`` images (e.g. cGAN
+    samples) if any."""
+    real = subsample(without(load_dataset(cfg.dataset, "train", root=cfg.data_root), cfg.exclude_train), cfg.train_fraction, seed=cfg.seed)
+    if synthetic is None or len(synthetic) == 0:
+        return real, real
+    if synthetic.input_shape != real.input_shape or synthetic.num_classes != real.num_classes:
+        raise ConfigError("synthetic images do not match the training split", got=(synthetic.input_shape, synthetic.num_classes),
+                          fix=f"sample a generator trained on {cfg.dataset}")
+    k = cfg.real_repeats
+    return real, replace(real, images=torch.cat([real.images.repeat(k, 1, 1, 1), synthetic.images]), labels=torch.cat([real.labels.repeat(k), synthetic.labels]))
+
+
 def without(split: Split, exclude: tuple[int, ...]) -> Split:
     """``split`` less the samples at ``exclude``."""
     if not exclude:
@@ -264,16 +286,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     cfg: TrainConfig = loop_config["cfg"]
     init_state: dict[str, torch.Tensor] | None = loop_config.get("init_state")
+    synthetic: Split | None = loop_config.get("synthetic")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if rank == 0 and not logging.getLogger("dynray").handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     _quiet_ray_train_logs()
     torch.manual_seed(cfg.seed)
-    train = without(load_dataset(cfg.dataset, "train", root=cfg.data_root), cfg.exclude_train)
+    real, train = training_split(cfg, synthetic)
     val = load_dataset(cfg.dataset, "val", root=cfg.data_root)
     model = build(cfg.model_config())
-    model.complexity.fit(train.images)  # deterministic: identical on every rank
+    model.complexity.fit(real.images)  # deterministic: identical on every rank; real inputs only
     if init_state is not None:
         model.load_state_dict(init_state)
     opt = make_optimizer(model, cfg)
@@ -317,8 +340,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, checkpoint=checkpoint)
 
 
-def fit(cfg: TrainConfig, *, init_state: dict[str, torch.Tensor] | None = None, run_name: str | None = None) -> TrainOutcome:
+def fit(cfg: TrainConfig, *, init_state: dict[str, torch.Tensor] | None = None, run_name: str | None = None, synthetic: Split | None = None) -> TrainOutcome:
     """Train with Ray Train on the connected Ray cluster; returns the trained model.
+
+    ``synthetic`` images (cGAN samples, :mod:`dynray.gan`) join the training split in every worker.
 
     The caller owns ``ray.init``; this function only needs a connected Ray.
     """
@@ -331,7 +356,7 @@ def fit(cfg: TrainConfig, *, init_state: dict[str, torch.Tensor] | None = None, 
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "init_state": init_state},
+        train_loop_config={"cfg": cfg, "init_state": init_state, "synthetic": synthetic},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(
             storage_path=str(storage),

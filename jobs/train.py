@@ -14,10 +14,10 @@ from typing import Annotated, Literal
 
 import tyro
 
-from dynray.data import load_dataset
+from dynray.data import Split, load_dataset
 from dynray.finetune import FinetuneConfig
 from dynray.flags import guarded, parse, setup_logging
-from dynray.errors import ConfigError
+from dynray.errors import ConfigError, RegistryError, UnknownNameError
 from dynray.models.config import DynamicNetConfig, config_from_dict
 from dynray.models.defaults import model_config_for
 from dynray.models.moe import MoEConfig
@@ -26,7 +26,7 @@ from dynray.store import load_model
 from dynray.training import TrainConfig
 from jobs._ray import connect, job_registry
 
-__all__ = ["MoEFlags", "Config", "Result", "run", "main", "default_name", "audit_training_split"]
+__all__ = ["MoEFlags", "Config", "Result", "run", "main", "default_name", "audit_training_split", "synthetic_images"]
 
 log = logging.getLogger(__name__)
 _T = TrainConfig  # defaults come from the library's configs: one source for each value
@@ -92,6 +92,18 @@ class Config:
     written to $DYNRAY_HOME/audits/."""
     audit_action: Literal["report", "drop"] = "report"
     """With --audit-data: report the flagged samples only, or leave them out of training."""
+    train_fraction: float = _T.train_fraction
+    """Share of each class of the training split used, picked by --seed (the low-data setting)."""
+    synthetic: int = 0
+    """cGAN samples added to the training split, balanced over the classes (needs a generator: dynray gan)."""
+    gan: str | None = None
+    """Generator that --synthetic samples (default: the newest cgan-DATASET)."""
+    real_repeats: int = _T.real_repeats
+    """With --synthetic: copies of the real images in the training set (sets the real share of each batch)."""
+
+    def __post_init__(self) -> None:
+        if self.synthetic < 0:
+            raise ConfigError("--synthetic must be >= 0", got=self.synthetic, fix="e.g. --synthetic 3150 (cGAN samples added to training)")
 
     def model_config(self) -> DynamicNetConfig:
         """The model to train: --arch-from's architecture, else the architecture family's
@@ -118,7 +130,8 @@ class Config:
         """The library's TrainConfig (validated there: errors name the fix)."""
         return TrainConfig(dataset=self.dataset, model=self.model_config(), epochs=self.epochs, workers=self.workers, batch_size=self.batch_size,
                            lr=self.lr, seed=self.seed, distill_alpha=self.distill, schedule=self.schedule, augment=self.augment, finetune=finetune,
-                           exclude_train=exclude)
+                           exclude_train=exclude, train_fraction=self.train_fraction,
+                           real_repeats=self.real_repeats)
 
 
 @dataclass(frozen=True)
@@ -173,6 +186,28 @@ def audit_training_split(cfg: Config) -> dict:
             "path": str(path), "indices": tuple(int(i) for i in flagged)}
 
 
+def synthetic_images(cfg: Config) -> tuple[Split | None, dict]:
+    """``--synthetic`` samples of the dataset's generator, and what the model's meta records of them."""
+    if cfg.synthetic == 0:
+        return None, {}
+    from dynray.gan import gan_name, load_generator, synthetic_split
+
+    ref = cfg.gan or gan_name(cfg.dataset)
+    try:
+        g, info = load_generator(job_registry(), ref)
+    except (RegistryError, UnknownNameError) as e:
+        raise ConfigError(f"--synthetic needs a cGAN generator; {ref} cannot be loaded", got=str(e).splitlines()[0][:200],
+                          fix=f"train one: dynray gan --dataset {cfg.dataset} (or name one with --gan)") from e
+    if info.meta.get("dataset") != cfg.dataset:
+        raise ConfigError("--gan names a generator of another dataset", got=(info.ref, info.meta.get("dataset")), fix=f"train one on {cfg.dataset}: dynray gan --dataset {cfg.dataset}")
+    seen = (info.meta.get("fraction"), (info.meta.get("job_config") or {}).get("seed"))
+    if cfg.train_fraction < 1.0 and seen != (cfg.train_fraction, cfg.seed):
+        log.warning("%s was trained on fraction %s of the training split (seed %s), this run trains on %s (seed %s): its samples carry images this run does not see;"
+                    " for a low-data run, train the generator with the same --fraction and --seed", info.ref, seen[0], seen[1], cfg.train_fraction, cfg.seed)
+    log.info("adding %d samples of %s to the training split", cfg.synthetic, info.ref)
+    return synthetic_split(g, cfg.synthetic, dataset=cfg.dataset, seed=cfg.seed), {"synthetic": {"images": cfg.synthetic, "generator": info.ref}}
+
+
 def default_name(dataset: str, arch: str) -> str:
     return {"dense": f"dynnet-{dataset}", "moe": f"moe-{dataset}", "moe-dense": f"moe-{dataset}-dense"}[arch]
 
@@ -190,11 +225,12 @@ def run(cfg: Config, *, finetune: FinetuneConfig | None = None, init_ref: str | 
         init_state, parent = stored.model.state_dict(), stored.info.ref
         tcfg = replace(tcfg, model=stored.model.cfg)
     val = load_dataset(tcfg.dataset, "val", root=tcfg.data_root)  # missing files: one clear error before Ray starts
+    synthetic, extra = synthetic_images(cfg)
     connect(num_cpus=max(2, tcfg.workers))
     name = cfg.name or (None if init_ref else default_name(tcfg.dataset, cfg.arch))
     if cfg.arch_from is not None and cfg.name is None:
         name = f"{registry.resolve(cfg.arch_from).name}-retrained"
-    info, outcome = train_and_register(tcfg, registry, name=name, parent=parent, init_state=init_state, val=val)
+    info, outcome = train_and_register(tcfg, registry, name=name, parent=parent, init_state=init_state, val=val, synthetic=synthetic, extra=extra)
     return Result(model=info.ref, metrics=info.meta["metrics"], seconds=outcome.seconds, parent=parent,
                   audit={k: v for k, v in audit.items() if k != "indices"} if audit else None)
 

@@ -29,7 +29,7 @@ __all__ = ["SECTIONS", "BUILT_SECTIONS", "BenchTarget", "BenchResult", "check_be
 
 SECTIONS = ("core", "serve", "router", "moe", "nas", "cluster", "security", "compress", "gan", "federated", "drift")
 """Every section of the bench JSON contract (DESIGN.md §4); later issues build the rest."""
-BUILT_SECTIONS = ("core", "serve", "router", "moe", "nas", "cluster", "security", "drift", "compress", "federated")
+BUILT_SECTIONS = ("core", "serve", "router", "moe", "nas", "cluster", "security", "drift", "compress", "gan", "federated")
 """The sections `dynray bench` can measure today."""
 
 

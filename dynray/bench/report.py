@@ -127,8 +127,9 @@ def format_section(section: str, s: dict) -> str:
     from dynray.bench.cluster import format_cluster
     from dynray.bench.compress import format_compress
     from dynray.bench.federated import format_federated
+    from dynray.bench.gan import format_gan
     from dynray.bench.security import format_security
 
     return {"core": format_core, "serve": format_serve, "router": format_router, "moe": format_moe, "nas": format_nas, "cluster": format_cluster,
             "security": format_security, "drift": format_drift, "compress": format_compress,
-            "federated": format_federated}.get(section, format_core)(s)
+            "gan": format_gan, "federated": format_federated}.get(section, format_core)(s)

@@ -39,6 +39,11 @@ def chain_steps(o: Path) -> list[tuple[str, str, list[str]]]:
         ("finetune", "dynray", ["finetune", "--model", "dynnet-mnist-5k:v2", "--epochs", "1", "--workers", "1", "--gradual", "--name", "ft"]),
         # an int8 edge variant of the demo's calibrated model, registered as its child
         ("compress_int8", "dynray", ["compress", "int8", "--model", "dynnet-mnist-5k:v2", "--calib-samples", "128"]),
+        # a tiny cGAN on 10% of the digits, its samples in a low-data training run, and the gan bench at a tiny size
+        ("gan", "dynray", ["gan", "--fraction", "0.1", "--steps", "60", "--width", "8", "--check-samples", "100"]),
+        ("train_synthetic", "dynray", ["train", "--train-fraction", "0.1", "--synthetic", "200", "--epochs", "1", "--workers", "1", "--name", "syn"]),
+        ("bench_gan", "dynray", ["bench", "gan", "--seeds", "0", "--gan-steps", "40", "--gan-width", "8", "--synthetic", "100", "--real-repeats", "1", "--epochs", "2",
+                                 "--check-samples", "50", "--json", str(o / "gan.json")]),
         ("bench_nas", "dynray", ["bench", "nas", "--dataset", "mnist-5k", *NAS_TINY, "--json", str(o / "nas_run" / "b.json")]),
         ("bench_router", "dynray", ["bench", "router", "--shift-requests", "400", "--json", str(o / "router.json")]),
         # edge_only is all_cloud's deploy path on the other tier

@@ -238,6 +238,26 @@ def test_compress_int8_registers_a_smaller_child_that_loads(chain, env, monkeypa
     assert load_model(ModelRegistry(), "dynnet-mnist-5k-int8:v1").model.forward_full(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_gan_registers_a_generator_whose_samples_train_a_model(chain, out_dir, env, monkeypatch, capsys):
+    """`dynray gan` registers cgan-mnist-5k with its quality check and grid; `dynray train
+    --synthetic` adds its samples to 10% of the digits; `dynray bench gan` writes the section."""
+    p = _ok(chain["gan"])
+    assert "registered cgan-mnist-5k:v1: trained on 350 real images" in p.stdout and "labels" in p.stdout
+    meta = json.loads(_cli(["models", "show", "cgan-mnist-5k:v1"], env, monkeypatch, capsys)[1])
+    assert meta["kind"] == "cgan" and meta["train_images"] == 350 and meta["gan_config"]["steps"] == 60
+    q = meta["quality"]
+    assert q["judge"] == "dynnet-mnist-5k:v2" and 0 <= q["sample_accuracy"] <= 1 and q["samples"] == 100
+    assert (Path(env["DYNRAY_HOME"]) / "gan" / "cgan-mnist-5k-v1.png").read_bytes()[:4] == b"\x89PNG"
+    _ok(chain["train_synthetic"])
+    meta = json.loads(_cli(["models", "show", "syn"], env, monkeypatch, capsys)[1])
+    assert meta["synthetic"] == {"images": 200, "generator": "cgan-mnist-5k:v1"} and meta["training"]["train_fraction"] == 0.1
+    _ok(chain["bench_gan"])
+    g = json.loads((out_dir / "gan.json").read_text())["gan"]
+    assert {"accuracy_10pct_real", "accuracy_10pct_plus_synthetic", "sample_accuracy", "worst_gain", "per_seed"} <= set(g)
+    assert g["per_seed"][0]["real_images"] == 350 and g["per_seed"][0]["synthetic_images"] == 100 and g["judge"] == "dynnet-mnist-5k:v2"
+    assert Path(g["grid"]).read_bytes()[:4] == b"\x89PNG"
+
+
 def _models(env: dict) -> list[str]:
     return sorted(p.name for p in (Path(env["DYNRAY_HOME"]) / "models").glob("*/v*"))
 
@@ -251,7 +271,13 @@ def _models(env: dict) -> list[str]:
         (["bench", "core", "--model", "dynnet-mnist-5k:v9", "--json", "x.json"], "unknown version"),
         (["calibrate", "--model", "dynnet-mnist-5k:v1", "--macs-budget", "10"], "MAC budget"),
         (["calibrate", "--model", "dynnet-mnist-5k:v1", "--max-drop", "-1"], "impossible"),
-        (["bench", "gan", "--json", "x.json"], "unknown bench section"),
+        (["bench", "gna", "--json", "x.json"], "did you mean gan"),
+        (["bench", "gan", "--fraction", "1.5", "--json", "x.json"], "the real fraction must lie in (0, 1)"),
+        (["gan", "--steps", "0"], "steps, batch_size, latent and width must be >= 1"),
+        (["gan", "--fraction", "0"], "the training fraction must lie in (0, 1]"),
+        (["train", "--synthetic", "-5"], "--synthetic must be >= 0"),
+        (["train", "--synthetic", "100", "--gan", "nosuch", "--epochs", "1"], "--synthetic needs a cGAN generator"),
+        (["train", "--train-fraction", "0", "--epochs", "1"], "train_fraction must lie in (0, 1]"),
         (["bench", "drift", "--model", "dynnet-mnist-5k:v1", "--json", "x.json"], "no drift reference"),
         (["automl", "--budget-minutes", "1"], "give --budget-minutes 5.2 or more"),
         (["automl", "--resume", "--name", "nosuch"], "no AutoML run to resume"),
@@ -360,7 +386,7 @@ def test_tampered_checkpoint_is_refused(demo, env, tmp_path, clean_env):
 
 JOBS = sorted(p.stem for p in (ROOT / "jobs").glob("*.py") if not p.stem.startswith("_") and "\ndef main(" in p.read_text())  # jobs, not driver libraries
 HELP = [[], ["demo"], ["train"], ["finetune"], ["calibrate"], ["bench"], *[["bench", s] for s in ("core", "serve", "router", "moe", "nas")],
-        ["router", "train"], ["router", "cache"], ["router"], ["nas", "run"], ["models"], ["keys"], ["serve"], ["submit"], ["compress"], ["compress", "int8"], ["federated"], ["bench", "federated"], ["bench", "compress"]]
+        ["router", "train"], ["router", "cache"], ["router"], ["nas", "run"], ["models"], ["keys"], ["serve"], ["submit"], ["compress"], ["compress", "int8"], ["federated"], ["bench", "federated"], ["bench", "compress"], ["gan"], ["bench", "gan"]]
 
 
 def test_every_job_module_runs_as_python_m_with_help(env):
