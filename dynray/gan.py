@@ -80,7 +80,9 @@ class GANConfig:
         if h % 4 or w % 4 or c < 1:
             raise ConfigError("the GAN needs image height and width divisible by 4", got=self.input_shape, fix="use 28x28 or 32x32 images")
         if min(self.steps, self.batch_size, self.latent, self.width) < 1 or self.num_classes < 2:
-            raise ConfigError("steps, batch_size, latent and width must be >= 1 and num_classes >= 2", got=dataclasses.asdict(self), fix="e.g. --steps 4000")
+            raise ConfigError("steps, batch_size, latent and width must be >= 1 and num_classes >= 2",
+                              got={"steps": self.steps, "batch_size": self.batch_size, "latent": self.latent, "width": self.width, "num_classes": self.num_classes},
+                              fix="e.g. --steps 3000 --batch-size 64 --latent 64 --width 32")
         if not 0 <= self.ema < 1 or self.ac_weight < 0 or self.lr <= 0:
             raise ConfigError("ema must lie in [0, 1), ac_weight >= 0 and lr > 0", got=(self.ema, self.ac_weight, self.lr), fix="e.g. --ema 0.999 --ac-weight 0.5")
 
@@ -167,7 +169,7 @@ def _check(data: Split, cfg: GANConfig) -> None:
                           fix="build the config from the split: GANConfig(input_shape=split.input_shape, num_classes=split.num_classes)")
 
 
-def train_cgan(data: Split, cfg: GANConfig, *, on_step: Callable[[int, dict], None] | None = None, log_every: int = 500) -> Generator:
+def train_cgan(data: Split, cfg: GANConfig, *, log_every: int = 500) -> Generator:
     """Train on ``data`` (images in [0, 1]); returns the (averaged) generator in eval mode."""
     _check(data, cfg)
     torch.manual_seed(cfg.seed)
@@ -181,32 +183,29 @@ def train_cgan(data: Split, cfg: GANConfig, *, on_step: Callable[[int, dict], No
     t0 = time.perf_counter()
     for step in range(cfg.steps):
         idx = torch.randint(0, len(data), (bs,), generator=gen)
-        real = data.images[idx]  # [b, C, H, W]
-        y = data.labels[idx[: (bs + 1) // 2]].repeat(2)[:bs]  # fake labels in two equal halves, for the mode-seeking pairs
+        real, labels = data.images[idx], data.labels[idx]  # [b, C, H, W], [b]
+        h = bs // 2
+        y = torch.cat([labels[:h], labels[:h], labels[2 * h :]])  # fake labels: fakes i and h + i share one, the mode-seeking pairs
         z = torch.randn(bs, cfg.latent, generator=gen)
         fake = g(z, y)
-        s_real, c_real = d(aug(real), data.labels[idx])
+        s_real, c_real = d(aug(real), labels)
         s_fake, _ = d(aug(fake.detach()), y)
-        loss_d = F.relu(1 - s_real).mean() + F.relu(1 + s_fake).mean() + cfg.ac_weight * F.cross_entropy(c_real, data.labels[idx])
+        loss_d = F.relu(1 - s_real).mean() + F.relu(1 + s_fake).mean() + cfg.ac_weight * F.cross_entropy(c_real, labels)
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
         s_g, c_g = d(aug(fake), y)
         loss_g = -s_g.mean() + cfg.ac_weight * F.cross_entropy(c_g, y)
-        if cfg.mode_seeking and bs >= 2:
-            h = bs // 2
+        if cfg.mode_seeking and h:
             ratio = (fake[:h] - fake[h : 2 * h]).abs().mean() / (z[:h] - z[h : 2 * h]).abs().mean()
             loss_g = loss_g + cfg.mode_seeking / (ratio + 1e-5)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
         _update_average(g_avg, g, min(cfg.ema, (1 + step) / (10 + step)))  # warm-up: a short run is not averaged with its init
-        stats = {"loss_d": loss_d.item(), "loss_g": loss_g.item()}
-        if on_step is not None:
-            on_step(step, stats)
         if log_every and (step + 1) % log_every == 0:
             el = time.perf_counter() - t0
-            log.info("GAN step %d/%d  loss D %.3f  G %.3f  [%.0fs, eta %.0fs]", step + 1, cfg.steps, stats["loss_d"], stats["loss_g"], el, el / (step + 1) * (cfg.steps - step - 1))
+            log.info("GAN step %d/%d  loss D %.3f  G %.3f  [%.0fs, eta %.0fs]", step + 1, cfg.steps, loss_d.item(), loss_g.item(), el, el / (step + 1) * (cfg.steps - step - 1))
     return g_avg.eval()
 
 

@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None, *, prog: str = "python -m jobs.ben
         planned = [s for s in SECTIONS if s not in BUILT_SECTIONS]
         close = difflib.get_close_matches(argv[0], BUILT_SECTIONS, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise UnknownNameError("bench section", argv[0], BUILT_SECTIONS, fix=f"{hint}measure one of {', '.join(BUILT_SECTIONS)} ({', '.join(planned)} are not built yet)")
+        later = f" ({', '.join(planned)} are not built yet)" if planned else ""
+        raise UnknownNameError("bench section", argv[0], BUILT_SECTIONS, fix=f"{hint}measure one of {', '.join(BUILT_SECTIONS)}{later}")
     if argv[:1] == ["nas"]:
         argv = bench_nas.unprefix(argv)
     return parse(Config, argv, prog=prog, description=__doc__)  # type: ignore[arg-type]

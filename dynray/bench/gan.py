@@ -5,7 +5,9 @@ Per seed (``jobs/bench_gan.py`` runs the seeds as Ray tasks, one CPU each):
 1. ``fraction`` of each class of the training split is the *real* set (``dynray.data.subsample``).
 2. A class-conditional GAN (:mod:`dynray.gan`) trains on the real set only.
 3. **Quality check**: the accuracy that a classifier trained on all the real data (the
-   registered model, the *judge*) gets on ``check_samples`` balanced samples.
+   registered model, the *judge*) gets on ``check_samples`` balanced samples; and a copy
+   check: the median pixel-L2 distance from a sample to the nearest real image of its class,
+   next to the same distance for as many held-out real images (copies would sit closer).
 4. **Baseline**: the default DynamicNet trained on the real set alone for ``epochs`` (the
    project's recipe, with its random-affine augmentation).
 5. **Augmented**: the same model, init and recipe, trained on the real set (repeated
@@ -31,11 +33,11 @@ import torch
 from dynray.data import Split, subsample, subsample_indices
 from dynray.errors import ConfigError
 from dynray.evaluation import full_accuracy
-from dynray.gan import GANConfig, Generator, label_accuracy, synthetic_split, train_cgan
+from dynray.gan import GANConfig, Generator, label_accuracy, sample, synthetic_split, train_cgan
 from dynray.models.build import build
 from dynray.training import TrainConfig, train_local
 
-__all__ = ["GanBenchConfig", "gan_seed", "summarize", "format_gan"]
+__all__ = ["GanBenchConfig", "gan_seed", "nearest_distance", "summarize", "format_gan"]
 log = logging.getLogger(__name__)
 _G = GANConfig()
 
@@ -98,12 +100,22 @@ def gan_seed(seed: int, train: Split, test: Split, judge: Callable[[torch.Tensor
     augmented, mixed_epochs = with_extra(synthetic_split(g, cfg.synthetic, dataset=real.name, seed=seed + 2))
     rest = _rest(train, cfg.fraction, cfg.synthetic, seed)
     ceiling, _ = with_extra(rest)
+    x, y = sample(g, cfg.check_samples, seed=seed + 1)
+    nn_syn, nn_real = nearest_distance(x, y, real), nearest_distance(rest.images[: cfg.check_samples], rest.labels[: cfg.check_samples], real)
     log.info("gan (seed %d): %d real images; samples labelled right %s; real alone %.4f, + %d synthetic %.4f (%+.1f pt), + %d more real %.4f (%+.1f pt)", seed, len(real),
              "-" if quality is None else f"{100 * quality:.1f}%", baseline, cfg.synthetic, augmented, 100 * (augmented - baseline), len(rest), ceiling, 100 * (ceiling - baseline))
     row = {"seed": seed, "real_images": len(real), "synthetic_images": cfg.synthetic, "sample_accuracy": quality, "accuracy_real": baseline,
            "accuracy_augmented": augmented, "gain": augmented - baseline, "accuracy_more_real": ceiling, "more_real_images": len(rest),
+           "nn_distance_synthetic": nn_syn, "nn_distance_heldout_real": nn_real,
            "gan_seconds": gan_s, "epochs_real": cfg.epochs, "epochs_augmented": mixed_epochs}
     return row, g
+
+
+def nearest_distance(x: torch.Tensor, y: torch.Tensor, real: Split) -> float:
+    """Median over ``x`` of the pixel-L2 distance to the nearest image of ``real`` with the same label."""
+    d = torch.cdist(x.flatten(1).float(), real.images.flatten(1))  # [n, m]
+    d[y[:, None] != real.labels[None, :]] = float("inf")
+    return float(d.min(1).values.median())
 
 
 def _rest(train: Split, fraction: float, n: int, seed: int) -> Split:
@@ -124,6 +136,8 @@ def summarize(rows: list[dict], *, config: dict, judge: str | None, grid: str | 
         "accuracy_10pct_plus_synthetic": mean("accuracy_augmented"),
         "worst_gain": min(r["gain"] for r in rows),
         "accuracy_10pct_plus_more_real": mean("accuracy_more_real"),
+        "nn_distance_synthetic": mean("nn_distance_synthetic"),
+        "nn_distance_heldout_real": mean("nn_distance_heldout_real"),
         "sample_accuracy": sum(quality) / len(quality) if quality else None,
         "judge": judge,
         "grid": grid,
@@ -141,6 +155,7 @@ def format_gan(s: dict) -> str:
         f"cGAN samples labelled as their class by {s['judge'] or 'no judge'}: {q} (mean of {n} seeds); grid {s['grid']}",
         f"{100 * s['config']['fraction']:.0f}% real alone {s['accuracy_10pct_real']:.4f}, plus synthetic {s['accuracy_10pct_plus_synthetic']:.4f} (means); "
         f"gain >= 1 pt in {s['targets_met']['augmentation_gains_1pt']} of {n} seeds: " + ", ".join(f"{r['accuracy_real']:.4f} -> {r['accuracy_augmented']:.4f}" for r in s["per_seed"]),
+        f"median distance to the nearest real image of the class: samples {s['nn_distance_synthetic']:.2f}, held-out real images {s['nn_distance_heldout_real']:.2f} (copies would be closer)",
         f"ceiling, as many more real images instead of samples: {s['accuracy_10pct_plus_more_real']:.4f} (mean): "
         + ", ".join(f"{r['accuracy_more_real']:.4f}" for r in s["per_seed"]),
     ]

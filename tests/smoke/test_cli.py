@@ -271,7 +271,7 @@ def _models(env: dict) -> list[str]:
         (["bench", "core", "--model", "dynnet-mnist-5k:v9", "--json", "x.json"], "unknown version"),
         (["calibrate", "--model", "dynnet-mnist-5k:v1", "--macs-budget", "10"], "MAC budget"),
         (["calibrate", "--model", "dynnet-mnist-5k:v1", "--max-drop", "-1"], "impossible"),
-        (["bench", "gna", "--json", "x.json"], "did you mean gan"),
+        (["bench", "gann", "--json", "x.json"], "did you mean gan"),
         (["bench", "gan", "--fraction", "1.5", "--json", "x.json"], "the real fraction must lie in (0, 1)"),
         (["gan", "--steps", "0"], "steps, batch_size, latent and width must be >= 1"),
         (["gan", "--fraction", "0"], "the training fraction must lie in (0, 1]"),

@@ -124,3 +124,13 @@ def test_training_split_adds_synthetic_images_to_the_real_fraction(small_gan):
         TrainConfig(train_fraction=1.5)
     with pytest.raises(ConfigError, match="real_repeats"):
         TrainConfig(real_repeats=0)
+
+
+def test_nearest_distance_sees_copies_of_the_real_set(mnist5k):
+    """The bench's copy check: copies of real images sit at distance 0, other digits do not."""
+    from dynray.bench.gan import nearest_distance
+
+    real = subsample(mnist5k["train"], 0.1, seed=0)
+    assert nearest_distance(real.images[:50], real.labels[:50], real) == 0.0
+    other = mnist5k["val"]
+    assert nearest_distance(other.images[:50], other.labels[:50], real) > 3.0
