@@ -153,6 +153,7 @@ class Answer:
     escalated: int = 0  # samples the edge handed on (or tried to)
     rerouted: torch.Tensor | None = None  # [N] bool: a failed MoE expert's tokens were answered by another expert
     device_failures: int = 0  # device calls that failed while answering (each retried or failed over)
+    failed_calls: dict[str, int] = field(default_factory=dict)  # the same, per tier ({} normally)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class _Trace:
     """What happened to one request's device calls."""
 
     failures: int = 0
+    by_tier: dict[str, int] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
 
 
@@ -277,6 +279,7 @@ class Orchestrator:
                     log.warning("%s refused the call (not a tier failure): %s", tier, msg[:300])
                     return None
                 trace.failures += 1
+                trace.by_tier[tier] = trace.by_tier.get(tier, 0) + 1
                 counted = view.failure(self.clock(), self.cfg, started=t_call)
                 log.warning("%s call failed (attempt %d/%d, %s): %s", tier, attempt + 1, self.cfg.attempts,
                             "counted" if counted else "same wave", type(e).__name__)
@@ -357,4 +360,4 @@ def _assemble(n: int, path: str, replies: list[DeviceReply], escalated: int = 0,
         for i in pos.tolist():
             tier[i] = last.tier
     return Answer(logits=logits, exit_index=exit_index, tier=tier, degraded=degraded, macs=macs, path=path, escalated=escalated, rerouted=rerouted,
-                  device_failures=trace.failures if trace is not None else 0)
+                  device_failures=trace.failures if trace is not None else 0, failed_calls=dict(trace.by_tier) if trace is not None else {})

@@ -353,4 +353,5 @@ def _answer_body(ans: Answer, probs: torch.Tensor, plan: ServedPlan, version: st
         "cost": request_cost({t: float(m.sum()) for t, m in macs_by_tier.items()}, plan.profiles),
         "path": ans.path,
         "device_failures": ans.device_failures,
+        "failed_calls": ans.failed_calls,
     }

@@ -352,6 +352,7 @@ class PredictResponse(BaseModel):
     latency_ms: float = Field(description="Server-side time to answer, in milliseconds.")
     expert_rerouted: list[bool] | None = Field(None, description="Per image: an MoE expert failed and the next-best expert by gate score answered instead.")
     device_failures: int = Field(0, description="Device calls that failed while answering (each retried or failed over); 0 normally.")
+    failed_calls: dict[Literal["edge", "cloud"], int] = Field(default_factory=dict, description="device_failures per tier, e.g. {\"edge\": 1}; {} normally.")
 
 
 class ErrorResponse(BaseModel):

@@ -278,7 +278,10 @@ def test_a_tier_marked_down_by_one_ingress_replica_is_down_for_all(served):
         stop.set()
         t.join(timeout=10)
     assert len(known) == 3 and "injector" in known, known  # both ingress replicas push their view
-    assert all("cloud" not in a["tier"] and a["degraded"] and a["device_failures"] == 0 for a in answers), [a["tier"] for a in answers]
+    # no cloud call was made: none answered and none failed (an edge call slower than its
+    # timeout on a loaded 2-core CI machine is retried and shows in failed_calls["edge"])
+    assert all("cloud" not in a["tier"] and a["degraded"] and "cloud" not in a["failed_calls"] for a in answers), \
+        [(sorted(set(a["tier"])), a["degraded"], a["failed_calls"], a["path"]) for a in answers]
     assert not h["tiers"]["cloud"]["up"] and h["tiers"]["edge"]["up"]
     for _ in range(40):  # the cooldown + a sync period, then the first call closes the breaker
         a = _post(served, encode_array(x)).json()

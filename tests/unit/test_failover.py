@@ -528,5 +528,5 @@ def test_a_coalesced_batch_failing_counts_one_failure_not_one_per_request(setup)
 
     answers = asyncio.run(run())
     assert [a.path for a in answers] == ["edge_first"] * 8  # every retry went to the edge again
-    assert all(a.device_failures == 1 and torch.equal(a.logits, ref.logits) for a in answers)
+    assert all(a.device_failures == 1 and a.failed_calls == {"edge": 1} and torch.equal(a.logits, ref.logits) for a in answers)
     assert len(e.calls) == 8 and orch.views["edge"].failures == 0
