@@ -39,7 +39,7 @@ from dynray.thresholds import ThresholdRule
 
 ExtraLoss = Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["ExtraLoss", "TrainConfig", "TrainOutcome", "make_optimizer", "train_epoch", "train_local", "evaluate", "training_split", "without", "train_loop_per_worker", "fit"]
+__all__ = ["ExtraLoss", "TrainConfig", "TrainOutcome", "lr_factor", "make_optimizer", "train_epoch", "train_local", "evaluate", "training_split", "without", "train_loop_per_worker", "fit"]
 log = logging.getLogger(__name__)
 
 
@@ -132,7 +132,7 @@ class TrainOutcome:
     seconds: float = 0.0
 
 
-def _lr_factor(step: int, steps_per_epoch: int, total: int) -> float:
+def lr_factor(step: int, steps_per_epoch: int, total: int) -> float:
     """Linear warm-up (one epoch, at most a tenth of the run), then cosine decay to 0."""
     warm = max(1, min(steps_per_epoch, total // 10))
     if step < warm:
@@ -183,7 +183,7 @@ def train_epoch(
     sums, seen = torch.zeros(model.num_exits), 0
     usage = MoEUsage()
     for i in range(steps):
-        f = _lr_factor(step0 + i, steps, total_steps)
+        f = lr_factor(step0 + i, steps, total_steps)
         for g, b in zip(opt.param_groups, base, strict=True):
             g["lr"] = b * f if (g["stage"] is None or g["stage"] in trainable) else 0.0
         b_idx = shard[i * cfg.batch_size : (i + 1) * cfg.batch_size]
