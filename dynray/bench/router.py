@@ -32,7 +32,7 @@ from dynray.evaluation import ExitRecords, oracle
 from dynray.routing.costs import RouteCosts
 from dynray.bench.curves import compare, frontier
 from dynray.routing.features import CostWeights
-from dynray.routing.hybrid import HybridConfig, HybridRouter
+from dynray.routing.hybrid import HybridConfig, HybridRouter, fit_gate
 from dynray.routing.policy import PolicyNet
 from dynray.routing.rollout import Paths, rollout, threshold_decide
 from dynray.bench.trace import LoadShift, run_trace
@@ -133,9 +133,10 @@ def bench_router(
         rule_val = rollout(val, costs, threshold_decide(rule), CostWeights()).mean_cost
         lam = min(cfg.curve_lambdas, key=lambda x: abs(ppo_val[x] - rule_val))
         w = CostWeights(cost=lam)
-        h = HybridRouter(policy, rule, cfg.hybrid)
+        gate = fit_gate(policy, rule, cfg.hybrid, lambda decide, w=w: rollout(val, costs, decide, w).reward(w))
+        h = HybridRouter(policy, rule, cfg.hybrid, gate=gate)
         hyb.append(_pt(run_hybrid_online(h, test, costs, w, chunk=cfg.chunk), source=f"max_drop={d}", lam=lam, rl_weight_end=h.rl_weight,
-                       policy_share=h.decisions["policy"] / max(1, sum(h.decisions.values()))))
+                       policy_share=h.decisions["policy"] / max(1, sum(h.decisions.values())), gate=gate.to_dict()))
     thresholds = calibrated + tuned
     orc = oracle(test)
     orc_first = oracle(test, unsolved="first")
@@ -198,7 +199,8 @@ def load_shift(val: ExitRecords, test: ExitRecords, costs: RouteCosts, policy: P
     _, lam, lat = min(cands)
     w = CostWeights(cost=lam, lat=lat)
     out = {"thresholds": run_trace(test, costs, threshold_decide(rule), w, cfg.shift), "ppo": run_trace(test, costs, pol, w, cfg.shift)}
-    h = HybridRouter(policy, rule, cfg.hybrid)
+    gate = fit_gate(policy, rule, cfg.hybrid, lambda decide: torch.from_numpy(run_trace(val, costs, decide, w, shift_val).rewards))
+    h = HybridRouter(policy, rule, cfg.hybrid, gate=gate)
     rules_alone = threshold_decide(rule)
     weights_seen = []
 
@@ -223,6 +225,7 @@ def load_shift(val: ExitRecords, test: ExitRecords, costs: RouteCosts, policy: P
         "miss_reduction": {k: (1 - out[k].slo_misses / thr) if thr else 0.0 for k in ("ppo", "hybrid")},
         "detail": {k: v.to_dict() for k, v in out.items()},
         "hybrid_rl_weight": {"start": cfg.hybrid.rl_weight, "min": min(weights_seen), "max": max(weights_seen), "end": weights_seen[-1]},
+        "hybrid_gate": gate.to_dict(),
     }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -58,9 +58,11 @@ class TraceResult:
     p99_ms: float
     escalated_frac: float
     escalated_in_window: int
+    rewards: np.ndarray = field(repr=False, compare=False)
+    """[requests] reward each request earned at the trace's cost weights (not in to_dict)."""
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "rewards"}
 
 
 class _Ewma:
@@ -95,6 +97,7 @@ def run_trace(
     lat = np.zeros(shift.requests)
     cost = np.zeros(shift.requests)
     cloud_used = np.zeros(shift.requests, dtype=bool)
+    reward = np.zeros(shift.requests)
     in_win = np.zeros(shift.requests, dtype=bool)
     for i, s in enumerate(order):
         t = i / shift.rate_per_s
@@ -112,6 +115,7 @@ def run_trace(
         seen = Load(edge_ms=ewma["edge"].v, cloud_ms=ewma["cloud"].v)
         p = rollout(rec, costs, decide, weights, edge=edge, cloud=cloud, load=seen, index=torch.tensor([int(s)]))
         correct[i], lat[i], cost[i], cloud_used[i] = bool(p.correct[0]), float(p.latency_ms[0]), float(p.cost[0]), bool(p.tier[0])
+        reward[i] = float(p.reward(weights)[0])
         heapq.heappush(pending, (t + lat[i] / 1000, "edge", costs.observed_call_ms("edge", edge)))
         if cloud_used[i]:
             heapq.heappush(pending, (t + lat[i] / 1000, "cloud", costs.observed_call_ms("cloud", cloud)))
@@ -126,4 +130,5 @@ def run_trace(
         p99_ms=float(np.quantile(lat, 0.99)),
         escalated_frac=float(cloud_used.mean()),
         escalated_in_window=int((cloud_used & in_win).sum()),
+        rewards=reward,
     )

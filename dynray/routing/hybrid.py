@@ -10,12 +10,19 @@ rule decides (stop or continue). ``rl_weight`` adapts online: :meth:`HybridRoute
 takes the rewards that the policy alone and the rules alone earned (or would have earned) on
 recent requests, and moves the weight towards whichever did better.
 
+The safety gate (:func:`fit_gate`) decides once, on a held-out split, whether the policy may
+decide at all at an operating point: the hybrid is run against the rules alone on the same
+samples, and unless it earns more reward by ``gate_z`` standard errors of the paired
+difference, the gate stays shut and the hybrid *is* the thresholds there. So the hybrid is
+never worse than the thresholds by more than the noise of the split the gate saw.
+
 Shape legend: B samples, D observation size, A actions.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +30,10 @@ import torch
 from dynray.errors import ConfigError
 from dynray.routing.features import CONTINUE, STOP, check_finite
 from dynray.routing.policy import PolicyNet
+from dynray.routing.rollout import threshold_decide
 from dynray.thresholds import ThresholdRule
 
-__all__ = ["HybridConfig", "HybridRouter", "Decision"]
+__all__ = ["HybridConfig", "HybridRouter", "Decision", "Gate", "gate_from_rewards", "fit_gate"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,12 +50,51 @@ class HybridConfig:
     """Reward difference that counts as a clear win for one side."""
     ewma: float = 0.1
     """Smoothing of the observed advantage of the policy over the rules."""
+    gate_z: float = 1.0
+    """The safety gate opens only where the hybrid's mean reward on the held-out split beats the
+    rules' by this many standard errors of the paired difference (0: any gain)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_confidence <= 1.0 or not 0.0 <= self.rl_weight <= 1.0:
             raise ConfigError("min_confidence must be in (0, 1] and rl_weight in [0, 1]", got=(self.min_confidence, self.rl_weight), fix="e.g. min_confidence=0.9, rl_weight=0.8")
         if self.adapt_rate < 0 or self.reward_scale <= 0 or not 0 < self.ewma <= 1:
             raise ConfigError("adapt_rate must be >= 0, reward_scale > 0 and ewma in (0, 1]", got=(self.adapt_rate, self.reward_scale, self.ewma))
+        if not math.isfinite(self.gate_z) or self.gate_z < 0:
+            raise ConfigError("gate_z must be a finite number >= 0", got=self.gate_z, fix="e.g. gate_z=1.0 (one standard error)")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The safety gate's verdict at one operating point, from a held-out split."""
+
+    open: bool
+    """The policy may decide (else the hybrid applies the thresholds alone)."""
+    gain: float
+    """Mean reward per sample of the hybrid minus the rules', on the split."""
+    se: float
+    """Standard error of ``gain`` (paired differences)."""
+    n: int
+    """Samples compared."""
+    z: float
+    """Standard errors ``gain`` had to clear."""
+
+    def to_dict(self) -> dict:
+        return {"open": self.open, "gain": self.gain, "se": self.se, "n": self.n, "z": self.z}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Gate:
+        return cls(open=bool(d["open"]), gain=float(d["gain"]), se=float(d["se"]), n=int(d["n"]), z=float(d["z"]))
+
+
+def gate_from_rewards(hybrid_reward: torch.Tensor, rules_reward: torch.Tensor, *, z: float) -> Gate:
+    """Rewards [N] the hybrid and the rules alone earned on the same held-out samples -> the gate."""
+    if hybrid_reward.shape != rules_reward.shape or hybrid_reward.ndim != 1 or hybrid_reward.numel() < 2:
+        raise ConfigError("the gate needs two reward vectors of the same length >= 2", got=(tuple(hybrid_reward.shape), tuple(rules_reward.shape)))
+    d = hybrid_reward.double() - rules_reward.double()
+    gain, se = float(d.mean()), float(d.std(unbiased=True)) / math.sqrt(d.numel())
+    if not math.isfinite(gain):
+        raise ConfigError("non-finite reward", got=gain, fix="rewards are correct - costs; check the cost weights")
+    return Gate(open=gain > 0 and gain > z * se, gain=gain, se=se, n=int(d.numel()), z=z)
 
 
 @dataclass(frozen=True)
@@ -59,8 +106,8 @@ class Decision:
 class HybridRouter:
     """Policy + thresholds, with an adaptive trust weight (see the module docstring)."""
 
-    def __init__(self, policy: PolicyNet | None, rule: ThresholdRule, cfg: HybridConfig = HybridConfig()) -> None:
-        self.policy, self.rule, self.cfg = policy, rule, cfg
+    def __init__(self, policy: PolicyNet | None, rule: ThresholdRule, cfg: HybridConfig = HybridConfig(), *, gate: Gate | None = None) -> None:
+        self.policy, self.rule, self.cfg, self.gate = policy, rule, cfg, gate
         self.rl_weight = cfg.rl_weight
         self.advantage = 0.0
         self.decisions = {"policy": 0, "rules": 0}
@@ -73,7 +120,7 @@ class HybridRouter:
     def decide(self, obs: torch.Tensor, k: int, logits: torch.Tensor, complexity: torch.Tensor, prev_pred: torch.Tensor | None) -> Decision:
         """obs [B, D], logits [B, C], complexity [B, F] -> actions at exit k."""
         rules = torch.where(self.rule.stop(k, logits, complexity, prev_pred), STOP, CONTINUE)
-        if self.policy is None:
+        if self.policy is None or (self.gate is not None and not self.gate.open):
             self.decisions["rules"] += rules.shape[0]
             return Decision(rules, torch.zeros_like(rules, dtype=torch.bool))
         act, probs = self.policy.act(check_finite(obs))
@@ -112,3 +159,15 @@ class HybridRouter:
         step = self.cfg.adapt_rate * math.tanh(self.advantage / self.cfg.reward_scale)
         self.rl_weight = min(1.0, max(0.0, self.rl_weight + step))
         return self.rl_weight
+
+
+def fit_gate(policy: PolicyNet | None, rule: ThresholdRule, cfg: HybridConfig, reward_of: Callable[[Callable], torch.Tensor]) -> Gate:
+    """The safety gate of the hybrid (``policy`` + ``rule``, trust at ``cfg.rl_weight``).
+
+    ``reward_of(decide)`` replays a held-out split with a decision function and returns the
+    reward [N] each sample earned at the operating point (e.g. a ``rollout`` on cached val
+    exits with that point's cost weights). No policy: a shut gate.
+    """
+    if policy is None:
+        return Gate(open=False, gain=0.0, se=0.0, n=0, z=cfg.gate_z)
+    return gate_from_rewards(reward_of(HybridRouter(policy, rule, cfg).decide_fn()), reward_of(threshold_decide(rule)), z=cfg.gate_z)

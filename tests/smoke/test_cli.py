@@ -363,6 +363,11 @@ def test_bench_router_uses_the_demo_router(chain, out_dir):
         assert s["curves"][name] and all(0 < pt["accuracy"] <= 1 and pt["cost"] > 0 for pt in s["curves"][name])
     assert set(s["load_shift"]["slo_misses"]) == {"thresholds", "ppo", "hybrid"}
     assert set(s["equal_accuracy_cost_saving"]) == {"ppo", "hybrid"} and len(s["lambda_sweep"]) == 5
+    # the safety gate: where it is shut (fitted on val), the hybrid point is its calibrated rule's point on test
+    calibrated = {pt["source"]: pt for pt in s["thresholds_points"] if pt["source"].startswith("max_drop")}
+    for pt in s["curves"]["hybrid"]:
+        assert pt["gate"]["n"] == 500 and (pt["gate"]["open"] or (pt["policy_share"] == 0 and (pt["accuracy"], pt["cost"]) == pytest.approx((calibrated[pt["source"]]["accuracy"], calibrated[pt["source"]]["cost"]))))
+    assert s["load_shift"]["hybrid_gate"]["n"] > 0
     assert isinstance(s["lambda_sweep_max_gap"], float) and 0 < s["train_minutes"] < 5
     # bounds: no router is more accurate than the oracle, none is cheaper than leaving every sample at exit 1
     top = max(pt["accuracy"] for pt in s["curves"]["oracle"])

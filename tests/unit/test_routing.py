@@ -22,7 +22,7 @@ from dynray.routing.costs import RouteCosts, TierLoad
 from dynray.bench.curves import compare, cost_at, frontier
 from dynray.routing.env import LoadSampler, RouterEnvConfig, RoutingEnv, WeightSampler
 from dynray.routing.features import CONTINUE, OFFLOAD, STOP, CostWeights, Load, build_observation, obs_dim
-from dynray.routing.hybrid import HybridConfig, HybridRouter
+from dynray.routing.hybrid import Gate, HybridConfig, HybridRouter, fit_gate, gate_from_rewards
 from dynray.routing.policy import PolicyNet, find_policy, load_policy, save_policy
 from dynray.routing.rollout import observed_load, rollout, threshold_decide
 from dynray.bench.trace import LoadShift, run_trace
@@ -286,6 +286,43 @@ def test_hybrid_rl_weight_adapts_and_stays_bounded():
         HybridConfig(rl_weight=1.5)
     with pytest.raises(ConfigError):
         HybridConfig(min_confidence=0.0)
+
+
+def test_the_safety_gate_shuts_out_a_bad_policy_and_lets_a_better_one_decide():
+    """A policy sure of 'stop' at every exit is worse than the thresholds when accuracy counts
+    (exit 0 is right 80% of the time): the gate, fitted on one split, shuts, and the hybrid then
+    decides exactly like the thresholds on another split. At a huge cost weight the same policy
+    beats the rules (stopping early is right there): the gate opens and the policy decides."""
+    sure_stop = _constant_policy([10.0, -10.0, -10.0])
+    val, test = make_records(seed=1), make_records(seed=2)
+    cfg = HybridConfig(min_confidence=0.9, rl_weight=1.0)
+
+    def rewards_at(w: CostWeights):
+        return lambda decide: rollout(val, COSTS, decide, w).reward(w)
+
+    accurate = CostWeights(cost=1e-4)
+    shut = fit_gate(sure_stop, RULE, cfg, rewards_at(accurate))
+    assert not shut.open and shut.gain < 0 and shut.n == N, shut
+    gated = HybridRouter(sure_stop, RULE, cfg, gate=shut)
+    a, b = rollout(test, COSTS, gated.decide_fn(), accurate), rollout(test, COSTS, threshold_decide(RULE), accurate)
+    assert torch.equal(a.exit_index, b.exit_index) and gated.decisions["policy"] == 0
+    ungated = rollout(test, COSTS, HybridRouter(sure_stop, RULE, cfg).decide_fn(), accurate)
+    assert ungated.accuracy < b.accuracy - 0.05  # what the gate kept out
+
+    thrifty = CostWeights(cost=10.0)
+    opened = fit_gate(sure_stop, RULE, cfg, rewards_at(thrifty))
+    assert opened.open and opened.gain > opened.z * opened.se > 0, opened
+    router = HybridRouter(sure_stop, RULE, cfg, gate=opened)
+    assert (rollout(test, COSTS, router.decide_fn(), thrifty).exit_index == 0).all() and router.decisions["policy"] > 0
+
+    assert not fit_gate(None, RULE, cfg, rewards_at(accurate)).open
+    noisy = gate_from_rewards(torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.tensor([0.0, 0.0, 1.0, 0.5]), z=1.0)
+    assert noisy.gain > 0 and not noisy.open  # a gain inside one standard error is noise
+    assert Gate.from_dict(opened.to_dict()) == opened
+    with pytest.raises(ConfigError):
+        gate_from_rewards(torch.zeros(3), torch.zeros(4), z=1.0)
+    with pytest.raises(ConfigError):
+        HybridConfig(gate_z=-1.0)
 
 
 # ------------------------------------------------------------------------------ policy storage
