@@ -15,6 +15,7 @@ import torch
 from dynray.bench import merge_section
 from dynray.bench.core import CoreBenchConfig, bench_core
 from dynray.bench.drift import quantise
+from dynray.bench.static import MapFn, StaticSweepConfig, sweep, train_serially
 from dynray.data import Split, load_dataset
 from dynray.augment import random_affine
 from dynray.drift import REFERENCE_KEY, DriftReference, reference_from
@@ -25,7 +26,7 @@ from dynray.registry import ModelInfo, ModelRegistry
 from dynray.thresholds import CalibrationResult, CalibrationTarget, ThresholdRule, calibrate
 from dynray.training import TrainConfig, TrainOutcome, fit
 
-__all__ = ["model_name", "train_and_register", "calibrate_and_register", "drift_reference", "bench_and_write"]
+__all__ = ["model_name", "train_and_register", "calibrate_and_register", "drift_reference", "sweep_recipe", "bench_and_write"]
 log = logging.getLogger(__name__)
 
 
@@ -109,14 +110,32 @@ def drift_reference(model, rule: ThresholdRule, val: Split, *, seed: int = 0) ->
     return reference_from(images, probs, source=f"{val.name}/val+augmented")
 
 
+def sweep_recipe(stored_meta: dict, dataset: str, data_root: str | None = None) -> TrainConfig:
+    """The training recipe a model was trained with (its registry meta), for its static baselines:
+    epochs, batch size, learning rate, weight decay, augmentation; one worker."""
+    t = stored_meta.get("training") or {}
+    keep = ("epochs", "batch_size", "lr", "weight_decay", "augment", "schedule")
+    return TrainConfig(dataset=dataset, workers=1, data_root=data_root, **{k: t[k] for k in keep if k in t})
+
+
 def bench_and_write(
     registry: ModelRegistry, ref: str | None, *, dataset: str | None, json_path: str | Path, plot_path: str | Path | None = None,
-    cfg: CoreBenchConfig = CoreBenchConfig(), data_root: str | None = None,
+    cfg: CoreBenchConfig = CoreBenchConfig(), data_root: str | None = None, static: StaticSweepConfig | None = None, map_fn: MapFn = train_serially,
 ) -> dict:
-    """Run the core bench on the test split and merge it into ``json_path``."""
+    """Run the core bench on the test split and merge it into ``json_path``.
+
+    With ``static``, the static-CNN sweep is trained first (``map_fn``: how; the nets already in
+    ``$DYNRAY_HOME/bench/static-sweep.json`` for this recipe and data are reused) and the
+    section holds both frontiers.
+    """
     stored = load_model(registry, ref)
-    test = load_dataset(dataset or stored.dataset, "test", root=data_root)
+    name = dataset or stored.dataset
+    test = load_dataset(name, "test", root=data_root)
+    val, rows = None, None
+    if static is not None:
+        train, val = load_dataset(name, "train", root=data_root), load_dataset(name, "val", root=data_root)
+        rows = sweep(train, test, sweep_recipe(stored.info.meta, name, data_root), static, cache=registry.home / "bench" / "static-sweep.json", map_fn=map_fn)
     plot = plot_path or Path(json_path).with_name(Path(json_path).stem + "_core.png")
-    section = bench_core(stored, test, cfg=cfg, plot=plot)
+    section = bench_core(stored, test, cfg=cfg, plot=plot, val=val, static_rows=rows)
     merge_section(json_path, "core", section)
     return section

@@ -13,17 +13,24 @@ checked before the measurement starts, so a corrupt one is refused before minute
 from __future__ import annotations
 
 import difflib
+import logging
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Annotated, Union
 
+import ray
 import tyro
 
 from dynray.bench import BUILT_SECTIONS, SECTIONS, BenchResult, BenchTarget, check_bench_file
+from dynray.bench.static import Job, StaticSweepConfig, train_static
+from dynray.data import Split
 from dynray.errors import UnknownNameError
 from dynray.flags import guarded, parse, setup_logging
 from dynray.pipeline import bench_and_write
 from dynray.registry import ModelRegistry
+from dynray.training import TrainConfig
+from jobs._ray import connect
 from jobs import bench_cluster, bench_compress, bench_drift, bench_federated, bench_gan, bench_moe, bench_nas, bench_router, bench_security, bench_serve
 
 __all__ = ["CoreConfig", "Config", "run_core", "run", "parse_args", "main"]
@@ -31,12 +38,37 @@ __all__ = ["CoreConfig", "Config", "run_core", "run", "parse_args", "main"]
 
 @dataclass(frozen=True, kw_only=True)
 class CoreConfig(BenchTarget):
-    """Accuracy, MACs, oracle gap, exit mix, latency and throughput of a calibrated model; merge the "core" section."""
+    """Accuracy, MACs, oracle gap, exit mix, latency and throughput of a calibrated model, and the
+    static-CNN baseline with both frontiers; merge the "core" section."""
+
+    baselines: bool = True
+    """Train the static-CNN sweep (Ray tasks, one CPU each; nets already in
+    $DYNRAY_HOME/bench/static-sweep.json for this recipe and data are reused) and compare the
+    frontiers. --no-baselines skips it."""
+    static: StaticSweepConfig = field(default_factory=StaticSweepConfig)
+    """The static CNNs of the baseline sweep."""
+
+
+def _static_task(*args) -> dict:
+    if not logging.getLogger().handlers:
+        setup_logging()
+    return train_static(*args)
+
+
+def ray_map(train: Split, test: Split, recipe: TrainConfig, jobs: list[Job]) -> Iterator[dict]:
+    """The static sweep's nets as Ray tasks (one CPU each), their rows in order as they finish."""
+    connect(log_to_driver=False)
+    task = ray.remote(num_cpus=1)(_static_task)
+    tr, te, rc = ray.put(train), ray.put(test), ray.put(recipe)
+    pending = [task.remote(w, c, tr, te, rc, seed) for w, c, seed in jobs]
+    for ref in pending:
+        yield ray.get(ref)
 
 
 def run_core(cfg: CoreConfig) -> BenchResult:
     check_bench_file(cfg.json)
-    section = bench_and_write(ModelRegistry(), cfg.model, dataset=cfg.dataset, json_path=cfg.json, plot_path=cfg.plot)
+    section = bench_and_write(ModelRegistry(), cfg.model, dataset=cfg.dataset, json_path=cfg.json, plot_path=cfg.plot,
+                              static=cfg.static if cfg.baselines else None, map_fn=ray_map)
     return BenchResult("core", section, cfg.json)
 
 

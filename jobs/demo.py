@@ -86,7 +86,7 @@ def run(cfg: Config) -> Result:
     cal = c.calibration
     _say(f"      {c.model}: val accuracy {cal['val_accuracy']:.4f} (last exit {cal['val_reference_accuracy']:.4f}), {cal['val_macs_saving']:.2f}x fewer MACs")
     _say(f"[3/{steps}] benchmarking {c.model} on the {cfg.dataset} test split -> {cfg.json}")
-    b = bench.run(bench.CoreConfig(model=c.model, dataset=cfg.dataset, json=cfg.json))
+    b = bench.run(bench.CoreConfig(model=c.model, dataset=cfg.dataset, json=cfg.json, baselines=False))
     _say(b.summary().split("\n", 1)[1])
     _say(f"[4/{steps}] training the PPO router of {c.model} with RLlib (budget {cfg.router_minutes:g} min, at most {cfg.router_iterations} iterations)")
     ppo = replace(PPOTrainConfig(), minutes=cfg.router_minutes, iterations=cfg.router_iterations)

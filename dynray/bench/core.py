@@ -2,7 +2,9 @@
 
 Every number in the README and the closing notes comes from here. Accuracy and MACs are
 measured on the real compacted forward pass (``forward_exits``); the threshold sweep in the
-plot uses the exact cached-output simulation (see ``dynray.evaluation``).
+plot uses the exact cached-output simulation (see ``dynray.evaluation``). Given the val split
+and the rows of a static-CNN sweep (:mod:`dynray.bench.static`), the section also holds the
+static and adaptive frontiers and their ratio (:mod:`dynray.bench.baselines`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dynray.bench.baselines import adaptive_frontier, compare_frontiers
 from dynray.data import Split
 from dynray.errors import ConfigError
 from dynray.evaluation import ExitRecords, collect_exit_outputs, oracle, simulate
@@ -84,8 +87,10 @@ def _rule(stored: StoredModel) -> ThresholdRule:
 
 
 @torch.inference_mode()
-def bench_core(stored: StoredModel, test: Split, *, cfg: CoreBenchConfig = CoreBenchConfig(), plot: str | Path | None = None) -> dict:
-    """The "core" section: accuracy, MACs, oracle, exit mix, latency, throughput, memory."""
+def bench_core(stored: StoredModel, test: Split, *, cfg: CoreBenchConfig = CoreBenchConfig(), plot: str | Path | None = None,
+               val: Split | None = None, static_rows: list[dict] | None = None) -> dict:
+    """The "core" section: accuracy, MACs, oracle, exit mix, latency, throughput, memory; with
+    ``val`` and ``static_rows``, the static baseline and both frontiers too."""
     model, rule = fused_copy(stored.model), _rule(stored)  # BatchNorm folded, for both paths
     x, y = test.images, test.labels
     log.info("core bench: %s on %s/%s (%d samples)", stored.info.ref, test.name, test.split, len(y))
@@ -141,6 +146,9 @@ def bench_core(stored: StoredModel, test: Split, *, cfg: CoreBenchConfig = CoreB
     section["macs_saving"] = section["macs_full"] / section["macs_adaptive"]
     section["adaptive_vs_oracle"] = section["macs_adaptive"] / section["macs_oracle"]
     section["throughput_gain"] = section["throughput_sps"]["adaptive"] / section["throughput_sps"]["full"]
+    if val is not None and static_rows:
+        front = adaptive_frontier(collect_exit_outputs(model, val.images, val.labels), rec, rule)
+        section.update(compare_frontiers(static_rows, front, section["accuracy_adaptive"], section["macs_adaptive"]))
     if plot is not None:
         section["plot"] = str(plot_tradeoff(rec, rule, section, plot))
     return section
@@ -164,17 +172,28 @@ def plot_tradeoff(rec: ExitRecords, rule: ThresholdRule, section: dict, path: st
     ax.scatter([section["macs_adaptive"] / 1e6], [section["accuracy_adaptive"]], color="tab:red", zorder=3, s=60, label="calibrated operating point")
     ax.scatter([section["macs_full"] / 1e6], [section["accuracy_full"]], color="black", marker="s", zorder=3, label="full network")
     ax.scatter([section["macs_oracle"] / 1e6], [section["accuracy_oracle"]], color="tab:green", marker="*", s=120, zorder=3, label="oracle")
+    for key, style, label in (("frontier_adaptive", "-o", "adaptive frontier (rules calibrated on val)"), ("frontier_static", "-s", "static CNNs (mean of seeds)")):
+        if section.get(key):
+            pts = section[key]
+            ax.plot([q["macs"] / 1e6 for q in pts], [q["accuracy"] for q in pts], style, ms=4, color="tab:orange" if key == "frontier_adaptive" else "tab:gray", label=label)
+    if section.get("static_sweep"):
+        rows = section["static_sweep"]
+        ax.scatter([r["macs"] / 1e6 for r in rows], [r["accuracy"] for r in rows], s=8, color="tab:gray", alpha=0.4, label="static CNNs (each seed)")
     ax.set_xscale("log")
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-    lo, hi = min(m for m, _ in sweep) / 1e6, section["macs_full"] / 1e6
+    lo = min(m for m, _ in sweep) / 1e6
+    hi = max([section["macs_full"]] + [r["macs"] for r in section.get("static_sweep") or []]) / 1e6
     ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if lo / 2 <= t <= hi * 2]
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("mean MACs per sample (millions, log scale)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"{section['model']} on {section['dataset']}: {section['macs_saving']:.1f}x fewer MACs")
+    title = f"{section['model']} on {section['dataset']}: {section['macs_saving']:.1f}x fewer MACs than its full network"
+    if section.get("static_equal_accuracy_ratio"):
+        title += f",\n{section['static_equal_accuracy_ratio']:.1f}x fewer than the cheapest static CNN as accurate"
+    ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

@@ -22,6 +22,15 @@ def format_core(s: dict) -> str:
         ("latency b256 p50 full / adaptive", f"{s['latency_ms']['full']['b256']['p50']:.2f} / {s['latency_ms']['adaptive']['b256']['p50']:.2f} ms"),
         ("peak RSS", f"{s['peak_rss_mb']:.0f} MB"),
     ]
+    if "static_sweep" in s:
+        n = len({(r["width"], r["convs"]) for r in s["static_sweep"]})
+        eq = s["macs_static_equal_accuracy"]
+        rows.append((f"static CNNs ({n} nets, {len(s['static_sweep'])} runs)", f"best {s['static_max_accuracy']:.4f}; at {s['accuracy_adaptive']:.4f}: "
+                     + (f"{eq:,.0f} MACs = {s['static_equal_accuracy_ratio']:.2f}x the adaptive net's" if eq is not None else "no static net is that accurate")))
+        worst = s["frontier_worst_ratio"]
+        if s["frontier"]:
+            span = f"{s['frontier'][0]['accuracy']:.3f}-{s['frontier'][-1]['accuracy']:.3f}"
+            rows.append((f"adaptive / static MACs, accuracy {span}", f"worst {worst:.2f}x" if worst is not None else "not comparable everywhere (a frontier ends below)"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         out.append(f"  {k:<{w}}  {v}")

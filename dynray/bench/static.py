@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from dynray.fileio import write_atomic
 from dynray.models.macs import module_macs
 from dynray.training import TrainConfig, lr_factor
 
-__all__ = ["StaticSweepConfig", "StaticCNN", "train_static", "sweep", "static_frontier", "macs_at_accuracy"]
+__all__ = ["StaticSweepConfig", "StaticCNN", "train_static", "Job", "MapFn", "train_serially", "sweep", "static_frontier", "macs_at_accuracy"]
 log = logging.getLogger(__name__)
 
 
@@ -44,14 +45,14 @@ class StaticSweepConfig:
     """Conv layers per net."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """One init and data order per seed; a point's accuracy is the mean over seeds."""
-    epochs: int = 20
-    """Training epochs (the recipe's default budget)."""
+    epochs: int | None = None
+    """Training epochs; None = the recipe's (the adaptive model's own budget)."""
 
     def __post_init__(self) -> None:
-        if not self.widths or not self.seeds or min(self.widths) < 1 or self.epochs < 1 or not set(self.convs) <= {2, 3} or not self.convs:
+        if not self.widths or not self.seeds or min(self.widths) < 1 or (self.epochs is not None and self.epochs < 1) or not set(self.convs) <= {2, 3} or not self.convs:
             raise ConfigError("the static sweep needs widths >= 1, convs of 2 or 3, a seed and an epoch",
                               got={"widths": self.widths, "convs": self.convs, "seeds": self.seeds, "epochs": self.epochs},
-                              fix="e.g. --static-widths 4 8 16 32 --static-convs 2 3 --static-seeds 0 1 2")
+                              fix="e.g. --static.widths 4 8 16 32 --static.convs 2 3 --static.seeds 0 1 2")
 
 
 class StaticCNN(nn.Module):
@@ -119,24 +120,35 @@ def _key(net: tuple[int, int], recipe: TrainConfig, seed: int, data: tuple[Split
     return hashlib.sha256(body.encode()).hexdigest()[:24]
 
 
-def sweep(train: Split, test: Split, recipe: TrainConfig, cfg: StaticSweepConfig = StaticSweepConfig(), *, cache: str | Path | None = None) -> list[dict]:
-    """Every (width, convs) of ``cfg`` for every seed: one row each, from ``cache`` when it holds them."""
+Job = tuple[int, int, int]
+"""(width, convs, seed) of one static net to train."""
+MapFn = Callable[[Split, Split, TrainConfig, list[Job]], Iterable[dict]]
+"""Trains the jobs (train split, test split, recipe, jobs) and yields their rows in order."""
+
+
+def train_serially(train: Split, test: Split, recipe: TrainConfig, jobs: list[Job]) -> Iterator[dict]:
+    """The default :data:`MapFn`: one net after another in this process."""
+    for w, c, seed in jobs:
+        yield train_static(w, c, train, test, recipe, seed)
+
+
+def sweep(train: Split, test: Split, recipe: TrainConfig, cfg: StaticSweepConfig = StaticSweepConfig(), *, cache: str | Path | None = None,
+          map_fn: MapFn = train_serially) -> list[dict]:
+    """Every (width, convs) of ``cfg`` for every seed: one row each, from ``cache`` when it
+    holds them; the others trained by ``map_fn`` (e.g. as Ray tasks) and added to the cache."""
+    recipe = dataclasses.replace(recipe, epochs=cfg.epochs or recipe.epochs)
     path = Path(cache) if cache is not None else None
     stored: dict = json.loads(path.read_text()) if path is not None and path.exists() else {}
-    rows, trained = [], 0
-    points = [(w, c) for c in cfg.convs for w in cfg.widths]
-    for i, (w, c) in enumerate(points):
-        for seed in cfg.seeds:
-            key = _key((w, c), dataclasses.replace(recipe, epochs=cfg.epochs), seed, (train, test))
-            if key not in stored:
-                stored[key] = train_static(w, c, train, test, dataclasses.replace(recipe, epochs=cfg.epochs), seed)
-                trained += 1
-                log.info("static net %d/%d (width %d, %d convs, seed %d): %d MACs, accuracy %.4f", i + 1, len(points), w, c, seed, stored[key]["macs"], stored[key]["accuracy"])
-                if path is not None:
-                    write_atomic(path, json.dumps(stored, indent=1))
-            rows.append(stored[key])
-    log.info("static sweep: %d nets, %d trained now, %d from the cache", len(rows), trained, len(rows) - trained)
-    return rows
+    keys = {(w, c, seed): _key((w, c), recipe, seed, (train, test)) for c in cfg.convs for w in cfg.widths for seed in cfg.seeds}
+    missing = [job for job, k in keys.items() if k not in stored]
+    if missing:
+        log.info("static sweep: training %d of %d nets (%d epochs each; %d from the cache)", len(missing), len(keys), recipe.epochs, len(keys) - len(missing))
+    for i, (job, row) in enumerate(zip(missing, map_fn(train, test, recipe, missing), strict=True)):
+        stored[keys[job]] = row
+        log.info("static net %d/%d (width %d, %d convs, seed %d): %d MACs, accuracy %.4f", i + 1, len(missing), *job, row["macs"], row["accuracy"])
+        if path is not None:  # after every net: an interrupted sweep resumes where it stopped
+            write_atomic(path, json.dumps(stored, indent=1))
+    return [stored[k] for k in keys.values()]
 
 
 def static_frontier(rows: list[dict]) -> list[dict]:

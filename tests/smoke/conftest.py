@@ -33,7 +33,8 @@ def chain_steps(o: Path) -> list[tuple[str, str, list[str]]]:
         # train (an MoE model) -> calibrate -> bench core -> bench moe, each by its job entrypoint
         ("train_moe", "module", ["jobs.train", "--arch", "moe", "--epochs", "1", "--workers", "1", "--name", "jobs-smoke"]),
         ("calibrate", "module", ["jobs.calibrate", "--model", "jobs-smoke", "--macs-budget", "1000000"]),
-        ("bench_core", "module", ["jobs.bench", "core", "--model", "jobs-smoke:v2", "--json", str(o / "b.json")]),
+        ("bench_core", "module", ["jobs.bench", "core", "--model", "jobs-smoke:v2", "--json", str(o / "b.json"),
+                                  "--static.widths", "2", "--static.convs", "2", "--static.seeds", "0", "--static.epochs", "1"]),
         # the MoE bench trains the missing dense twin, starts one actor per expert and compares
         ("bench_moe", "dynray", ["bench", "moe", "--model", "jobs-smoke:v2", "--moe-epochs", "1", "--moe-workers", "1", "--moe-latency-calls", "3", "--json", str(o / "b.json")]),
         ("finetune", "dynray", ["finetune", "--model", "dynnet-mnist-5k:v2", "--epochs", "1", "--workers", "1", "--gradual", "--name", "ft"]),

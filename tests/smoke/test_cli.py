@@ -183,14 +183,19 @@ def test_models_list_show_promote(demo, env, monkeypatch, capsys):
     assert rc == 0 and "staging" in out
 
 
-def test_job_entrypoints(chain, out_dir):
+def test_job_entrypoints(chain, out_dir, env):
     """train (an MoE model) -> calibrate -> bench core -> bench moe, each by its job entrypoint."""
     p = _ok(chain["train_moe"])
     assert "registered jobs-smoke:v1" in p.stdout and "experts: least share" in p.stdout + p.stderr
     assert "registered jobs-smoke:v2" in _ok(chain["calibrate"]).stdout
-    _ok(chain["bench_core"])
+    p = _ok(chain["bench_core"])
     out = out_dir / "b.json"
-    assert json.loads(out.read_text())["core"]["macs_adaptive"] <= 1_000_000 * 1.5
+    core = json.loads(out.read_text())["core"]
+    assert core["macs_adaptive"] <= 1_000_000 * 1.5
+    # the static baseline, trained as a Ray task, and both frontiers
+    assert [(r["width"], r["convs"], r["seed"]) for r in core["static_sweep"]] == [(2, 2, 0)] and core["static_sweep"][0]["macs"] > 0
+    assert core["frontier_adaptive"] and "static CNNs (1 nets, 1 runs)" in p.stdout
+    assert len(json.loads((Path(env["DYNRAY_HOME"]) / "bench" / "static-sweep.json").read_text())) == 1  # the cache a rerun reads
     _ok(chain["bench_moe"])
     m = json.loads(out.read_text())["moe"]
     assert m["model"] == "jobs-smoke:v2" and m["dense_model"] == "jobs-smoke-dense:v1" and m["seeds"] == 1

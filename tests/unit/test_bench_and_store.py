@@ -57,6 +57,12 @@ def test_bench_core_and_merge(registry, tiny_cnn, mnist5k, tmp_path):
         for b in ("b1", "b256"):
             assert set(s["latency_ms"][path][b]) == {"p50", "p95", "p99"}
     assert (tmp_path / "p.png").stat().st_size > 1000
+    assert "static_sweep" not in s  # no baselines asked for
+    static = [{"width": 4, "convs": 2, "seed": 0, "macs": 50_000, "accuracy": 0.05}, {"width": 8, "convs": 2, "seed": 0, "macs": 90_000, "accuracy": 0.9}]
+    b = bench_core(stored, test, cfg=CoreBenchConfig(batches=2, singles=5, warmup_s=0.05), plot=tmp_path / "q.png", val=mnist5k["val"], static_rows=static)
+    assert b["frontier_adaptive"] and b["static_sweep"] == static and b["frontier"] == []  # an untrained net: far below 0.975
+    assert b["macs_static_equal_accuracy"] == pytest.approx(50_000 + 40_000 * (b["accuracy_adaptive"] - 0.05) / 0.85)
+    assert b["static_equal_accuracy_ratio"] == pytest.approx(b["macs_static_equal_accuracy"] / b["macs_adaptive"])
     out = tmp_path / "bench.json"
     merge_section(out, "nas", {"trials": 1})
     merge_section(out, "core", s)
