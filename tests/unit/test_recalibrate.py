@@ -16,6 +16,7 @@ ALARM = DriftAlarm(score=0.9, threshold=0.4, feature="density", samples=120)
 class _Client:
     sent: list = []
     fail = False
+    busy = 0  # answers "no available agent" this many more times
 
     def __init__(self, address):
         self.address = address
@@ -23,6 +24,9 @@ class _Client:
     def submit_job(self, *, entrypoint, runtime_env, metadata):
         if _Client.fail:
             raise ConnectionError("job API down")
+        if _Client.busy:
+            _Client.busy -= 1
+            raise RuntimeError("Request failed with status code 500: No available agent to submit job, please try again later..")
         _Client.sent.append({"address": self.address, "entrypoint": entrypoint, "runtime_env": runtime_env, "metadata": metadata})
         return f"raysubmit_{len(_Client.sent)}"
 
@@ -31,7 +35,7 @@ class _Client:
 def client(monkeypatch):
     import ray.job_submission
 
-    _Client.sent, _Client.fail = [], False
+    _Client.sent, _Client.fail, _Client.busy = [], False, 0
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _Client)
     monkeypatch.setattr(R.ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="10.0.0.1:6379"))
     return _Client
@@ -64,3 +68,16 @@ def test_a_failed_submission_is_recorded_not_raised(client):
     hook("m:v1", ALARM)
     (rec,) = _wait(hook, 1)
     assert rec["version"] == "m:v1" and "job API down" in rec["error"] and "job_id" not in rec
+
+
+def test_a_busy_job_api_is_asked_again_until_the_retry_budget_runs_out(client):
+    client.busy = 2
+    hook = R.Recalibrator(home=None, args=[], cooldown_s=0, retry_s=10)
+    hook("m:v1", ALARM)
+    (rec,) = _wait(hook, 1)
+    assert rec["job_id"] == "raysubmit_1" and rec["attempts"] == 3 and client.busy == 0
+    client.busy = 100
+    short = R.Recalibrator(home=None, args=[], cooldown_s=0, retry_s=1.0)
+    short("m:v2", ALARM)
+    (rec,) = _wait(short, 1)
+    assert "try again later" in rec["error"] and 2 <= rec["attempts"] <= 3  # 0.5 s, then 1 s would pass the budget
