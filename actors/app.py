@@ -3,7 +3,8 @@
 ``build_app(args)`` composes deployments through handles (Serve's graph *is* deployments
 bound to each other). ``args.system`` picks the dynray graph or one of the baselines the
 serving benchmark compares against: ``all_cloud`` (the plain full model on one cloud
-deployment), ``edge_only`` (the plain full model on the edge tier) and ``noop`` (the
+deployment), ``cloud_adaptive`` (the same early-exit model and rule, all on the cloud tier: what
+early exit gains without the edge/cloud split), ``edge_only`` (the plain full model on the edge tier) and ``noop`` (the
 overhead floor). The ingress only wires things: what it answers is
 :class:`dynray.serving.ingress.IngressCore` (body reading, decoding, statuses, metrics),
 routing and failover :mod:`dynray.serving.failover`; with several ingress replicas they
@@ -350,8 +351,8 @@ def build_app(args: AppArgs | dict):
     if args.system == "dynray":
         edge = _device("edge", EDGE, args.edge, args, home, last_stage=args.edge_stages, full=False, experts=experts)
         cloud = _device("cloud", CLOUD, args.cloud, args, home, last_stage=None, full=False, experts=experts)
-    elif args.system == "all_cloud":
-        cloud = _device("cloud", CLOUD, args.cloud, args, home, last_stage=None, full=True, experts=experts)
+    elif args.system in ("all_cloud", "cloud_adaptive"):  # every request cloud_direct; full network or exits
+        cloud = _device("cloud", CLOUD, args.cloud, args, home, last_stage=None, full=args.system == "all_cloud", experts=experts)
     else:  # edge_only: the plain full model on edge devices
         edge = _device("edge", EDGE, args.edge, args, home, last_stage=None, full=True, experts=experts)
     state = None

@@ -1,4 +1,4 @@
-"""Serving benchmark: the dynray graph against static all-cloud, edge-only and a no-op floor.
+"""Serving benchmark: the dynray graph against static all-cloud, the same adaptive net all in the cloud, edge-only and a no-op floor.
 
 Each system is deployed on its own (same replicas, same simulated profiles from
 ``cluster/serve.yaml``), driven by one closed-loop async HTTP load generator on loopback
@@ -38,8 +38,8 @@ from jobs.serve_chaos import ChaosConfig, kill_devices_under_load, kill_ingress_
 __all__ = ["SYSTEMS", "Config", "system_config", "run", "main"]
 
 log = logging.getLogger(__name__)
-SYSTEMS = ("noop", "dynray", "all_cloud", "edge_only")
-System = Literal["noop", "dynray", "all_cloud", "edge_only"]
+SYSTEMS = ("noop", "dynray", "all_cloud", "cloud_adaptive", "edge_only")
+System = Literal["noop", "dynray", "all_cloud", "cloud_adaptive", "edge_only"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,7 +177,7 @@ def run(cfg: Config) -> BenchResult:
             serve.delete("dynray")
     finally:
         D.shutdown()
-    d, c, noop = (systems.get(k) for k in ("dynray", "all_cloud", "noop"))
+    d, c, noop, ca = (systems.get(k) for k in ("dynray", "all_cloud", "noop", "cloud_adaptive"))
     section = {
         "model": info.ref,
         "dataset": test.name,
@@ -195,6 +195,13 @@ def run(cfg: Config) -> BenchResult:
             "p50_vs_all_cloud": round(d["p50_ms"] / c["p50_ms"], 4),
             "p50_vs_all_cloud_light": round(d["light"]["p50_ms"] / c["light"]["p50_ms"], 4) if "light" in d else None,
             "rps_vs_noop": round(d["rps"] / noop["rps"], 4),
+            # early exit alone (the adaptive net, all in the cloud) against the full net in the cloud,
+            # and the edge/cloud split on top of it: cost and p50 of dynray against cloud_adaptive
+            **({"cost_cloud_adaptive_vs_all_cloud": round(ca["cost_per_1k"] / c["cost_per_1k"], 4),
+                "p50_cloud_adaptive_vs_all_cloud": round(ca["p50_ms"] / c["p50_ms"], 4),
+                "cost_vs_cloud_adaptive": round(d["cost_per_1k"] / ca["cost_per_1k"], 4),
+                "p50_vs_cloud_adaptive": round(d["p50_ms"] / ca["p50_ms"], 4),
+                "p50_vs_cloud_adaptive_light": round(d["light"]["p50_ms"] / ca["light"]["p50_ms"], 4) if "light" in d and "light" in ca else None} if ca else {}),
         } if d and c and noop else {},
     }
     merge_section(cfg.json, "serve", section)

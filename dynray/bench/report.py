@@ -42,16 +42,19 @@ def format_core(s: dict) -> str:
 def format_serve(s: dict) -> str:
     """The serve section as text."""
     out: list[str] = []
-    out.append(f"  {'system':<10} {'rps':>7} {'p50 ms':>8} {'p99 ms':>8} {'accuracy':>9} {'cost/1k':>9} {'escalated':>9}")
+    out.append(f"  {'system':<14} {'rps':>7} {'p50 ms':>8} {'p99 ms':>8} {'accuracy':>9} {'cost/1k':>9} {'escalated':>9}")
     for name, m in s["systems"].items():
         acc, cost, esc = (f"{m[k]:.4f}" if k in m else "-" for k in ("accuracy", "cost_per_1k", "escalated_frac"))
-        out.append(f"  {name:<10} {m['rps']:>7.1f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f} {acc:>9} {cost:>9} {esc:>9}")
+        out.append(f"  {name:<14} {m['rps']:>7.1f} {m['p50_ms']:>8.2f} {m['p99_ms']:>8.2f} {acc:>9} {cost:>9} {esc:>9}")
         if "light" in m:
             lt = m["light"]
-            out.append(f"  {'  light':<10} {lt['rps']:>7.1f} {lt['p50_ms']:>8.2f} {lt['p99_ms']:>8.2f}   (concurrency {lt['concurrency']})")
+            out.append(f"  {'  light':<14} {lt['rps']:>7.1f} {lt['p50_ms']:>8.2f} {lt['p99_ms']:>8.2f}   (concurrency {lt['concurrency']})")
     r = s["ratios"]
     if r:
         out.append(f"  dynray vs all-cloud: cost {r['cost_vs_all_cloud']:.3f}x, p50 {r['p50_vs_all_cloud']:.3f}x (light load {r['p50_vs_all_cloud_light'] or float('nan'):.3f}x), accuracy gap {r['accuracy_gap_pt']:+.2f} pt; rps vs no-op {r['rps_vs_noop']:.3f}x")
+        if "cost_vs_cloud_adaptive" in r:
+            out.append(f"  early exit alone (cloud_adaptive vs all-cloud): cost {r['cost_cloud_adaptive_vs_all_cloud']:.3f}x, p50 {r['p50_cloud_adaptive_vs_all_cloud']:.3f}x; "
+                       f"the edge/cloud split on top (dynray vs cloud_adaptive): cost {r['cost_vs_cloud_adaptive']:.3f}x, p50 {r['p50_vs_cloud_adaptive']:.3f}x")
     if s.get("chaos"):
         c = s["chaos"]
         out.append(f"  chaos: {c['answered']}/{c['requests']} answered, {c['degraded']} degraded, {c['errors']} errors, replicas back in {c['recovery_s']:.1f} s")

@@ -42,7 +42,7 @@ __all__ = [
     "IngressUserConfig",
 ]
 
-SYSTEMS = ("dynray", "all_cloud", "edge_only", "noop")
+SYSTEMS = ("dynray", "all_cloud", "cloud_adaptive", "edge_only", "noop")
 INGRESS, EDGE, CLOUD, NOOP = "Ingress", "Edge", "Cloud", "Noop"  # deployment names
 ROUTING_STATE = "RoutingState"  # the routing state the ingress replicas share (when there are several)
 
@@ -204,7 +204,7 @@ class AppArgs(_Strict):
     ``scheduling``, ``router``, ``auth``, ``detect`` and ``drift``.
     """
 
-    system: Literal["dynray", "all_cloud", "edge_only", "noop"] = Field("dynray", description="dynray graph, or a baseline")
+    system: Literal["dynray", "all_cloud", "cloud_adaptive", "edge_only", "noop"] = Field("dynray", description="dynray graph, or a baseline: all_cloud (the full network on the cloud tier), cloud_adaptive (the same early-exit network, all on the cloud tier), edge_only, noop")
     home: str | None = Field(None, description="registry directory (default: $DYNRAY_HOME or ./.dynray)")
     registry: str | None = Field(None, description="registry actor the replicas read models through (actors/registry.py; `dynray serve up` sets it): replicas then never open `home` on their own node. None: read the path `home`")
     models: list[str] = Field(default_factory=lambda: ["production"], description="registry refs served at start")
@@ -247,7 +247,7 @@ class AppArgs(_Strict):
 
     def tiers(self) -> tuple[str, ...]:
         """Device tiers this system deploys."""
-        return {"dynray": ("edge", "cloud"), "all_cloud": ("cloud",), "edge_only": ("edge",), "noop": ()}[self.system]
+        return {"dynray": ("edge", "cloud"), "all_cloud": ("cloud",), "cloud_adaptive": ("cloud",), "edge_only": ("edge",), "noop": ()}[self.system]
 
 
 class DeviceUserConfig(_Strict):

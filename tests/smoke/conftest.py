@@ -53,7 +53,7 @@ def chain_steps(o: Path) -> list[tuple[str, str, list[str]]]:
         ("bench_security", "dynray", ["bench", "security", "--seeds", "0", "--attack-n", "60", "--normal-clients", "4", "--extraction-rounds", "5",
                                       "--ratelimit-rate", "5", "--ratelimit-s", "2", "--overhead-requests", "40", "--overhead-runs", "2", "--fuzz-cases", "40", "--json", str(o / "security.json")]),
         ("bench_serve", "module", ["jobs.bench", "serve", "--json", str(o / "serve.json"), "--requests", "60", "--warmup", "5", "--concurrency", "4",
-                                   "--chaos-requests", "150", "--light-requests", "20", "--autoscale-requests", "0", "--systems", "noop", "dynray", "all_cloud"]),
+                                   "--chaos-requests", "150", "--light-requests", "20", "--autoscale-requests", "0", "--systems", "noop", "dynray", "all_cloud", "cloud_adaptive"]),
         # the drift watch over HTTP on the demo's calibrated model (its reference came with calibration), one seed, short streams
         ("bench_drift", "dynray", ["bench", "drift", "--seeds", "0", "--in-distribution-requests", "300", "--shift-requests", "200", "--calm-requests", "120",
                                    "--json", str(o / "drift.json")]),

@@ -336,10 +336,14 @@ def test_bench_serve_small(chain, out_dir):
     _ok(chain["bench_serve"])
     out = out_dir / "serve.json"
     s = json.loads(out.read_text())["serve"]
-    assert set(s["systems"]) == {"noop", "dynray", "all_cloud"}
+    assert set(s["systems"]) == {"noop", "dynray", "all_cloud", "cloud_adaptive"}
     for name, m in s["systems"].items():
         assert m["errors"] == 0 and m["rps"] > 0, (name, m)
-    assert s["systems"]["dynray"]["cost_per_1k"] < s["systems"]["all_cloud"]["cost_per_1k"]
+    sy = s["systems"]
+    # cloud_adaptive: the early-exit net, every answer from the cloud tier, cheaper than the full net there, dearer than the edge/cloud split
+    assert sy["cloud_adaptive"]["escalated_frac"] == 1.0 and sy["cloud_adaptive"]["mean_macs"] < sy["all_cloud"]["mean_macs"] / 3
+    assert sy["dynray"]["cost_per_1k"] < sy["cloud_adaptive"]["cost_per_1k"] < sy["all_cloud"]["cost_per_1k"]
+    assert s["ratios"]["cost_vs_cloud_adaptive"] == pytest.approx(sy["dynray"]["cost_per_1k"] / sy["cloud_adaptive"]["cost_per_1k"], abs=1e-3)
     assert s["chaos"]["answered"] == s["chaos"]["requests"] == 150 and s["chaos"]["errors"] == 0
     k = s["ingress_kill"]  # one of the two ingress replicas killed under load
     assert k["killed"] and k["kills_during_load"] and k["answered"] == k["requests"] == 150
