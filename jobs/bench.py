@@ -13,7 +13,9 @@ checked before the measurement starts, so a corrupt one is refused before minute
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +49,9 @@ class CoreConfig(BenchTarget):
     frontiers. --no-baselines skips it."""
     static: StaticSweepConfig = field(default_factory=StaticSweepConfig)
     """The static CNNs of the baseline sweep."""
+    parallel: int | None = None
+    """Static nets trained at once (Ray tasks in flight); None = this machine's cores. More than
+    the cores only slows each one down (a local Ray offers more logical CPUs than cores)."""
 
 
 def _static_task(*args) -> dict:
@@ -55,20 +60,26 @@ def _static_task(*args) -> dict:
     return train_static(*args)
 
 
-def ray_map(train: Split, test: Split, recipe: TrainConfig, jobs: list[Job]) -> Iterator[dict]:
-    """The static sweep's nets as Ray tasks (one CPU each), their rows in order as they finish."""
+def ray_map(train: Split, test: Split, recipe: TrainConfig, jobs: list[Job], *, parallel: int | None = None) -> Iterator[dict]:
+    """The static sweep's nets as Ray tasks (one CPU each, at most ``parallel`` in flight; None =
+    this machine's cores), their rows in the order of ``jobs``."""
     connect(log_to_driver=False)
     task = ray.remote(num_cpus=1)(_static_task)
     tr, te, rc = ray.put(train), ray.put(test), ray.put(recipe)
-    pending = [task.remote(w, c, tr, te, rc, seed) for w, c, seed in jobs]
-    for ref in pending:
-        yield ray.get(ref)
+    window = max(1, parallel or os.cpu_count() or 1)
+    pending = [task.remote(w, c, tr, te, rc, seed) for w, c, seed in jobs[:window]]
+    for i in range(len(jobs)):
+        row = ray.get(pending[i])
+        if i + window < len(jobs):
+            w, c, seed = jobs[i + window]
+            pending.append(task.remote(w, c, tr, te, rc, seed))
+        yield row
 
 
 def run_core(cfg: CoreConfig) -> BenchResult:
     check_bench_file(cfg.json)
     section = bench_and_write(ModelRegistry(), cfg.model, dataset=cfg.dataset, json_path=cfg.json, plot_path=cfg.plot,
-                              static=cfg.static if cfg.baselines else None, map_fn=ray_map)
+                              static=cfg.static if cfg.baselines else None, map_fn=functools.partial(ray_map, parallel=cfg.parallel))
     return BenchResult("core", section, cfg.json)
 
 
