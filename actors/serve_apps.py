@@ -145,6 +145,13 @@ def _with_expert_entries(config: dict) -> dict:
     return config
 
 
+def _quiet_serve_driver_log() -> None:
+    """Serve sets its driver-side logger to INFO when ``ray.serve`` is imported ("Started Serve",
+    "Deleting app"): this process's user sees its warnings only, unless running with -v. The
+    controller and the replicas log to files (RAY_SERVE_LOG_TO_STDERR=0, jobs/_ray.py)."""
+    logging.getLogger("ray.serve").setLevel(logging.DEBUG if logging.getLogger().getEffectiveLevel() <= logging.DEBUG else logging.WARNING)
+
+
 def deploy(config: dict, *, timeout_s: float = 120.0, check: bool = True) -> None:
     """Apply a full Serve config (every declarative app) and wait until all are RUNNING."""
     config = _with_expert_entries(config)
@@ -158,6 +165,7 @@ def deploy(config: dict, *, timeout_s: float = 120.0, check: bool = True) -> Non
         if args.auth.enabled and args.system != "noop":  # the ingress replicas look both up when they start
             start_keystore(args.home)
             start_ratelimiter()
+    _quiet_serve_driver_log()
     client = _client(schema.http_options.model_dump() if "http_options" in config else None)
     client.deploy_apps(schema)
     wait_running([a["name"] for a in config["applications"]], timeout_s=timeout_s)

@@ -81,6 +81,10 @@ def connect(num_cpus: int | None = None, *, log_to_driver: bool = True) -> None:
         # resources the Serve tiers are placed by (a real cluster has node types for them)
         # logical CPUs: every device replica reserves one (what the scheduler sees as its load), and
         # Ray does not check logical CPUs against cores; trials and workers are limited by their own flags
+        # Serve's controller and replicas write their logs to files (the session's logs/serve/),
+        # not to this terminal: with RAY_SERVE_LOG_TO_STDERR=0 a replica's stderr, dynray's own
+        # warnings included, goes to its Serve log file too. The processes inherit it from here.
+        os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
         ray.init(address="local", num_cpus=max(num_cpus or 0, LOCAL_CPUS), resources=dict(LOCAL_RESOURCES), include_dashboard=True, log_to_driver=log_to_driver, logging_level="WARNING")
 
 
