@@ -17,27 +17,16 @@ from ``lowest`` (0.975) up to the calibrated operating point's.
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 
-from dynray.bench.static import macs_at_accuracy, static_frontier
+from dynray.bench.static import macs_at_accuracy, pareto, static_frontier
 from dynray.errors import CalibrationError
 from dynray.evaluation import ExitRecords, simulate
 from dynray.thresholds import CalibrationTarget, ThresholdRule, calibrate
 
-__all__ = ["adaptive_frontier", "pareto", "compare_frontiers"]
+__all__ = ["adaptive_frontier", "compare_frontiers"]
 log = logging.getLogger(__name__)
-
-
-def pareto(points: list[dict]) -> list[dict]:
-    """``macs``/``accuracy`` points -> those no cheaper point matches in accuracy, cheapest first."""
-    front, best = [], -math.inf
-    for p in sorted(points, key=lambda p: (p["macs"], -p["accuracy"])):
-        if p["accuracy"] > best:
-            front.append(p)
-            best = p["accuracy"]
-    return front
 
 
 def adaptive_frontier(val: ExitRecords, test: ExitRecords, rule: ThresholdRule, *, budgets: int = 48,

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from dynray.fileio import write_atomic
 from dynray.models.macs import module_macs
 from dynray.training import TrainConfig, lr_factor
 
-__all__ = ["StaticSweepConfig", "StaticCNN", "train_static", "Job", "MapFn", "train_serially", "sweep", "static_frontier", "macs_at_accuracy"]
+__all__ = ["StaticSweepConfig", "StaticCNN", "train_static", "Job", "MapFn", "train_serially", "sweep", "static_frontier", "pareto", "macs_at_accuracy"]
 log = logging.getLogger(__name__)
 
 
@@ -156,13 +157,16 @@ def static_frontier(rows: list[dict]) -> list[dict]:
     by_net: dict[tuple, list[dict]] = {}
     for r in rows:
         by_net.setdefault((r["width"], r["convs"]), []).append(r)
-    nets = sorted(({"width": k[0], "convs": k[1], "macs": v[0]["macs"], "accuracy": sum(x["accuracy"] for x in v) / len(v), "seeds": len(v)} for k, v in by_net.items()),
-                  key=lambda n: (n["macs"], -n["accuracy"]))
-    front, best = [], -1.0
-    for n in nets:
-        if n["accuracy"] > best:
-            front.append(n)
-            best = n["accuracy"]
+    return pareto([{"width": k[0], "convs": k[1], "macs": v[0]["macs"], "accuracy": sum(x["accuracy"] for x in v) / len(v), "seeds": len(v)} for k, v in by_net.items()])
+
+
+def pareto(points: list[dict]) -> list[dict]:
+    """``macs``/``accuracy`` points -> those no cheaper point matches in accuracy, cheapest first."""
+    front, best = [], -math.inf
+    for p in sorted(points, key=lambda p: (p["macs"], -p["accuracy"])):
+        if p["accuracy"] > best:
+            front.append(p)
+            best = p["accuracy"]
     return front
 
 

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from dynray.bench.baselines import adaptive_frontier, compare_frontiers, pareto
-from dynray.bench.static import StaticCNN, StaticSweepConfig, macs_at_accuracy, static_frontier, sweep, train_serially, train_static
+from dynray.bench.baselines import adaptive_frontier, compare_frontiers
+from dynray.bench.static import StaticCNN, StaticSweepConfig, macs_at_accuracy, pareto, static_frontier, sweep, train_serially, train_static
 from dynray.data import subsample
 from dynray.errors import ConfigError
 from dynray.evaluation import ExitRecords
