@@ -82,7 +82,7 @@ def format_router(s: dict) -> str:
     ls = s["load_shift"]
     out.append(f"  load shift (cloud x{ls['slowdown']:g} for a window, SLO {ls['slo_ms']:g} ms, {ls['requests']} requests, lambda_cost {ls['lambda_cost']:.4g}, lambda_lat {ls['lambda_lat']:g}/ms):")
     for k in ("thresholds", "ppo", "hybrid"):
-        red = f", {ls['miss_reduction'][k]:+.0%} misses vs thresholds" if k in ls["miss_reduction"] else ""
+        red = f", {-ls['miss_reduction'][k]:+.0%} misses vs thresholds" if k in ls["miss_reduction"] else ""  # fewer misses: negative
         out.append(f"    {k:<10} SLO misses {ls['slo_misses'][k]:>4}  accuracy {ls['accuracy'][k]:.4f}{red}")
     out.append(f"  plot: {s['plot']}")
     return "\n".join(out)
