@@ -37,9 +37,10 @@ from dynray.serving import metrics as M
 from dynray.serving.auth import Gate
 from dynray.serving.config import CLOUD, EDGE, INGRESS, NOOP, ROUTING_STATE, AppArgs, IngressUserConfig, TierArgs, expert_name
 from dynray.serving.failover import DeviceCall
+from dynray.serving.feedback import SharedFeedback
 from dynray.serving.ingress import REQUEST_ID_HEADER, IngressCore, Reply, build_plan
 from dynray.serving.partition import DeviceReply, DeviceRequest, group_requests, split_reply
-from dynray.serving.payload import ErrorResponse, PredictRequest, PredictResponse
+from dynray.serving.payload import ErrorResponse, FeedbackRequest, FeedbackResponse, PredictRequest, PredictResponse
 from dynray.serving.routing_state import ReplicaSync
 from dynray.serving.scheduling import get_policy
 
@@ -153,14 +154,17 @@ class Ingress:
         self.metrics = RaySink()
         d = self.args.drift
         on_drift = Recalibrator(home=self.args.home, args=d.recalibrate_args, cooldown_s=d.recalibrate_cooldown_s) if d.on_alarm == "recalibrate" else None
+        period = self.args.ingress.routing_sync_period_s
+        # several replicas: the labels of any replica's answers go to the book in RoutingState
+        self.shared_feedback = SharedFeedback(self._send_label, retry_s=2 * period + 0.25) if state is not None and self.args.feedback.enabled else None
         self.core = IngressCore(self.args, self.metrics, tiers=tuple(t for t, h in self.handles.items() if h is not None), gate=gate, penalise=penalise,
-                                replica=self.replica, on_drift=on_drift)
+                                replica=self.replica, on_drift=on_drift, feedback=self.shared_feedback)
         self._status_cache: tuple[float, dict] = (0.0, {})
         self._state = state
         # Serve runs the constructor on the replica's event loop; the sync never blocks a request
         loop = asyncio.get_running_loop()
         self._sync_task = loop.create_task(self._sync_forever()) if state is not None else None
-        self._gauge_task = loop.create_task(self._gauges_forever()) if self.core.drift is not None else None
+        self._gauge_task = loop.create_task(self._gauges_forever()) if self.core.drift is not None or self.core.feedback is not None else None
 
     def reconfigure(self, user_config: dict) -> None:
         """New versions or split: resolve refs, check they agree, rebuild the plan (no restart)."""
@@ -171,35 +175,45 @@ class Ingress:
                           previous=self.core.plan, registry=registry_for(self.args.registry, cfg.home or self.args.home))
         self.core.configure(plan)
 
+    async def _send_label(self, request_id: str, labels: list[int], records: list) -> dict:
+        return await _result(self._state.label.remote(request_id, labels, records), max(2.0, 4 * self.args.ingress.routing_sync_period_s))
+
     async def _sync_forever(self) -> None:
-        """Every period: push this replica's view of the tiers to RoutingState, apply the merge."""
+        """Every period: push this replica's view of the tiers (and its answers awaiting labels)
+        to RoutingState, apply the merge (and the hybrid's learnt trust)."""
         sync, period, failing = ReplicaSync(self.replica), self.args.ingress.routing_sync_period_s, False
+        fb = self.shared_feedback
         while True:
             await asyncio.sleep(period)
             orch = self.core.orch
             if orch is None:
                 continue
+            records = fb.take_pending() if fb is not None else []
             try:
-                shared = await _result(self._state.sync.remote(sync.observation(orch, orch.clock())), max(2.0, 4 * period))
+                shared = await _result(self._state.sync.remote(sync.observation(orch, orch.clock()), records), max(2.0, 4 * period))
                 sync.apply(orch, shared, orch.clock())
+                if fb is not None:
+                    fb.apply(shared.rl_weight)
                 if failing:
                     log.info("routing state reachable again")
                 failing = False
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - the replica keeps routing on its own view meanwhile
+                if fb is not None:
+                    fb.restore(records)
                 if not failing:
                     log.warning("routing state sync failed (%s: %s); routing on this replica's own view until it is back", type(e).__name__, str(e)[:200])
                 failing = True
 
     async def _gauges_forever(self) -> None:
-        """Keep the drift score gauges on the metrics endpoint while traffic pauses."""
+        """Keep the drift score and feedback gauges on the metrics endpoint while traffic pauses."""
         while True:
             await asyncio.sleep(5.0)
             try:
-                self.core.drift.export_gauges()
+                self.core.export_gauges()
             except Exception:  # noqa: BLE001 - a missed refresh only leaves a gap in the series
-                log.exception("could not refresh the drift gauges")
+                log.exception("could not refresh the drift and feedback gauges")
 
     def __del__(self) -> None:
         for name in ("_sync_task", "_gauge_task"):
@@ -255,6 +269,15 @@ class Ingress:
             log.warning("serve.status() failed: %s", e)
         self._status_cache = (time.monotonic(), out)
         return out
+
+    @api.post(
+        "/v1/feedback",
+        response_model=FeedbackResponse,
+        responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 413, 422, 429, 500)},
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": FeedbackRequest.model_json_schema()}}}},
+    )
+    async def feedback(self, request: Request) -> JSONResponse:
+        return _respond(await self.core.label(_chunks(request), request.headers))
 
     @api.get("/v1/health")
     async def health(self, request: Request) -> JSONResponse:
@@ -365,7 +388,8 @@ def build_app(args: AppArgs | dict):
             health_check_period_s=args.failover.health_check_period_s,
             graceful_shutdown_wait_loop_s=0.1,
             graceful_shutdown_timeout_s=1.0,
-        )(RoutingState).bind(expire_s=max(3.0, 6 * args.ingress.routing_sync_period_s))
+        )(RoutingState).bind(expire_s=max(3.0, 6 * args.ingress.routing_sync_period_s),
+                             feedback=args.feedback.model_dump() if args.feedback.enabled else None, hybrid=args.hybrid().__dict__)
     ingress = serve.deployment(
         name=INGRESS,
         num_replicas=args.ingress.replicas,

@@ -147,7 +147,7 @@ def run(cfg: Config) -> Result:
             if cfg.tour and key is not None:
                 escalated = [r.index for r in res.records if r.ok and "cloud" in (r.body or {}).get("tier", [])]
                 hard = split.images[:n][escalated] if escalated else None
-                tour = ops_tour.tour(base, "dynray", reg.home, key, split.images[:n], hard=hard, metrics_file=cfg.metrics_file, runlog=runlog)
+                tour = ops_tour.tour(base, "dynray", reg.home, key, split.images[:n], labels=split.labels[:n], hard=hard, metrics_file=cfg.metrics_file, runlog=runlog)
             elif cfg.tour:
                 log.warning("the operations tour needs auth on (it probes keys and rate limits): skipped")
     finally:

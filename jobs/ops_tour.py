@@ -6,11 +6,13 @@ Run by ``jobs.http_traffic`` (the demo's last step) on the app it deployed:
 1. a request with no API key (401) and a key sent over its rate (429);
 2. a client whose queries are small perturbations of its own earlier ones, the query pattern
    of Jacobian-based model extraction (flagged by the extraction detector; action: log);
-3. the cloud replica killed under load (``jobs.serve_chaos``): every request still answered,
+3. labels sent back (``POST /v1/feedback``) for hybrid-routed answers: the live accuracy per
+   exit and the hybrid's learnt trust in its policy;
+4. the cloud replica killed under load (``jobs.serve_chaos``): every request still answered,
    the hard ones degraded to an edge exit until the replacement is up;
-4. a stream of inverted digits: the drift watch raises its alarm (or keeps the one the
+5. a stream of inverted digits: the drift watch raises its alarm (or keeps the one the
    perturbed and hard digits before it raised: an alarm is one episode);
-5. the node's metrics endpoint, scraped until every series of the graph is non-zero (Ray
+6. the node's metrics endpoint, scraped until every series of the graph is non-zero (Ray
    reports every 10 s by default), parsed with ``prometheus_client`` and saved as text.
 """
 
@@ -51,6 +53,8 @@ class TourResult:
     """Extraction flags the ingress replica that answered /v1/admin/security raised."""
     chaos: dict
     drift_alarms: float
+    feedback: dict = field(default_factory=dict)
+    """The labels step: requests and samples labelled, accuracy, live accuracy per exit, rl_weight first and last."""
     series: dict[str, float] = field(default_factory=dict)
     """dynray series -> non-zero total on the metrics endpoint."""
     missing: list[str] = field(default_factory=list)
@@ -61,6 +65,9 @@ class TourResult:
         lines = [
             f"no key: {self.statuses['no_key']}; a 1/s key sent 6 at once: {self.rate_limited} answered 429",
             f"extraction-style client: {self.flags} flag(s) raised (action: log)",
+            *([f"labels sent back for {self.feedback['samples']} hybrid-routed answers: {100 * self.feedback['accuracy']:.1f}% right; live accuracy per exit "
+               + ", ".join(f"{k}: {v:.3f}" for k, v in sorted(self.feedback["live_accuracy"].items())) + f"; hybrid rl_weight {self.feedback['rl_weight'][0]:.2f} -> {self.feedback['rl_weight'][-1]:.2f}"]
+              if self.feedback.get("samples") else []),
             f"cloud replica killed under load: {c['answered']}/{c['requests']} answered, {c['degraded']} degraded, replaced in {c['recovery_s']:.1f} s",
             f"drift alarms raised during the tour: {self.drift_alarms:.0f} (an alarm is one episode per ingress replica: perturbed, hard and inverted digits in turn)",
             f"metrics: {len(self.series)} dynray series non-zero on Ray's Prometheus endpoint" + (f"; missing: {', '.join(self.missing)}" if self.missing else " (all of them)")
@@ -81,9 +88,33 @@ def _load(url: str, key: str, bodies: list[dict], runlog: RunLog | None, phase: 
         runlog.requests(res.records, wall_s=res.wall_s, phase=phase)
 
 
-def tour(base_url: str, app: str, home: str | Path, key: str, images: torch.Tensor, *, hard: torch.Tensor | None = None,
+def _labels(base_url: str, key: str, images: torch.Tensor, labels: torch.Tensor, *, requests_n: int = 30, batch: int = 8) -> dict:
+    """Hybrid-routed predictions, each followed by its true labels (POST /v1/feedback)."""
+    right = total = 0
+    weights, live = [], {}
+    for i in range(requests_n):
+        idx = [(i * batch + j) % len(images) for j in range(batch)]
+        rid = f"tour-label-{i}-{time.time_ns()}"
+        r = requests.post(f"{base_url}/v1/predict", json={**encode_array(images[idx]), "router": "hybrid"},
+                          headers={"Authorization": f"Bearer {key}", "X-Request-Id": rid}, timeout=30)
+        if r.status_code != 200:
+            continue
+        f = requests.post(f"{base_url}/v1/feedback", json={"request_id": rid, "labels": labels[idx].tolist()}, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        if f.status_code != 200:
+            log.warning("feedback answered %d: %s", f.status_code, f.text[:200])
+            continue
+        body = f.json()
+        right, total = right + sum(body["correct"]), total + len(body["correct"])
+        live.update(body["live_accuracy"])
+        if body["rl_weight"] is not None:
+            weights.append(body["rl_weight"])
+    return {"requests": requests_n, "samples": total, "accuracy": right / max(total, 1), "live_accuracy": live, "rl_weight": weights or [float("nan")]}
+
+
+def tour(base_url: str, app: str, home: str | Path, key: str, images: torch.Tensor, *, labels: torch.Tensor | None = None, hard: torch.Tensor | None = None,
          metrics_file: str | Path | None = None, runlog: RunLog | None = None, scrape_timeout_s: float = 60.0) -> TourResult:
     """Run the tour against the app at ``base_url`` (``http://host:port/<app>``); ``key``: a predict key.
+    ``labels``: the true classes of ``images`` (the labels step sends them back; None: skip it).
     ``hard``: images the service escalated to the cloud before (the chaos step sends them, so
     the cloud's absence shows as degraded answers; default: digits turned 90 degrees, which
     the edge is rarely sure of). ``runlog``: where the tour's requests are logged."""
@@ -104,6 +135,7 @@ def tour(base_url: str, app: str, home: str | Path, key: str, images: torch.Tens
     try:
         _load(url, probe, bodies, runlog, "extraction-style")
         flags = len(requests.get(f"{base_url}/v1/admin/security", headers={"Authorization": f"Bearer {admin}"}, timeout=10).json().get("flags", []))
+        feedback = _labels(base_url, key, images, labels) if labels is not None else {}
         if hard is None or len(hard) < 3:
             hard = torch.rot90(images[:64], 1, dims=(2, 3))
         chaos = kill_devices_under_load(ChaosConfig(url=url, app=app, requests=300, concurrency=8, kill_after_s=1.0, recovery_timeout_s=60, api_key=key),
@@ -125,5 +157,5 @@ def tour(base_url: str, app: str, home: str | Path, key: str, images: torch.Tens
         Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
         Path(metrics_file).write_text(text)
     series = nonzero(fams)
-    return TourResult(statuses=statuses, rate_limited=rate_limited, flags=flags, chaos=chaos, drift_alarms=series.get(M.DRIFT_ALARMS, 0.0),
+    return TourResult(statuses=statuses, rate_limited=rate_limited, flags=flags, chaos=chaos, drift_alarms=series.get(M.DRIFT_ALARMS, 0.0), feedback=feedback,
                       series=series, missing=missing, metrics_file=str(metrics_file) if metrics_file else None)

@@ -33,7 +33,7 @@ from dynray.routing.policy import PolicyNet
 from dynray.routing.rollout import threshold_decide
 from dynray.thresholds import ThresholdRule
 
-__all__ = ["HybridConfig", "HybridRouter", "Decision", "Gate", "gate_from_rewards", "fit_gate"]
+__all__ = ["HybridConfig", "HybridRouter", "Decision", "TrustWeight", "Gate", "gate_from_rewards", "fit_gate"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +101,41 @@ def gate_from_rewards(hybrid_reward: torch.Tensor, rules_reward: torch.Tensor, *
 class Decision:
     actions: torch.Tensor  # [B] int64
     by_policy: torch.Tensor  # [B] bool: the policy decided (else the rules)
+    rules: torch.Tensor | None = None  # [B] int64: what the rules alone would do here
+
+
+class TrustWeight:
+    """``rl_weight`` and the online rule that moves it (see the module docstring).
+
+    The hybrid router in the benchmark and the serving ingress (with clients' labels,
+    :mod:`dynray.serving.feedback`) adapt their trust with this one rule.
+    """
+
+    def __init__(self, cfg: HybridConfig = HybridConfig(), *, value: float | None = None) -> None:
+        self.cfg = cfg
+        self.value = cfg.rl_weight if value is None else value
+        self.advantage = 0.0
+        self.updates = 0
+
+    def observe(self, policy_reward: torch.Tensor, rules_reward: torch.Tensor) -> float:
+        """Rewards [B] the policy alone and the rules alone earned on the same requests.
+
+        Only requests where the two differ move the weight; returns the new weight.
+        """
+        if policy_reward.shape != rules_reward.shape or not policy_reward.numel():
+            raise ConfigError("observe() needs two reward tensors of the same non-empty shape", got=(tuple(policy_reward.shape), tuple(rules_reward.shape)))
+        d = policy_reward.double() - rules_reward.double()
+        d = d[d != 0]  # requests where both would have done the same carry no evidence
+        if not d.numel():
+            return self.value
+        diff = float(d.mean())
+        if not math.isfinite(diff):
+            raise ConfigError("non-finite reward", got=diff, fix="rewards are correct - costs; check the cost weights")
+        self.advantage += self.cfg.ewma * (diff - self.advantage)
+        step = self.cfg.adapt_rate * math.tanh(self.advantage / self.cfg.reward_scale)
+        self.value = min(1.0, max(0.0, self.value + step))
+        self.updates += 1
+        return self.value
 
 
 class HybridRouter:
@@ -108,29 +143,40 @@ class HybridRouter:
 
     def __init__(self, policy: PolicyNet | None, rule: ThresholdRule, cfg: HybridConfig = HybridConfig(), *, gate: Gate | None = None) -> None:
         self.policy, self.rule, self.cfg, self.gate = policy, rule, cfg, gate
-        self.rl_weight = cfg.rl_weight
-        self.advantage = 0.0
+        self.trust = TrustWeight(cfg)
         self.decisions = {"policy": 0, "rules": 0}
 
     @property
-    def needed_confidence(self) -> float:
-        c = self.cfg.min_confidence
-        return c + (1.0 - self.rl_weight) * (1.0 - c)
+    def rl_weight(self) -> float:
+        return self.trust.value
 
-    def decide(self, obs: torch.Tensor, k: int, logits: torch.Tensor, complexity: torch.Tensor, prev_pred: torch.Tensor | None) -> Decision:
-        """obs [B, D], logits [B, C], complexity [B, F] -> actions at exit k."""
+    @property
+    def advantage(self) -> float:
+        return self.trust.advantage
+
+    def needed_confidence(self, rl_weight: float | None = None) -> float:
+        """Least action probability at which the policy decides, at ``rl_weight`` (default: this router's)."""
+        c, w = self.cfg.min_confidence, self.rl_weight if rl_weight is None else rl_weight
+        return c + (1.0 - w) * (1.0 - c)
+
+    def decide(self, obs: torch.Tensor, k: int, logits: torch.Tensor, complexity: torch.Tensor, prev_pred: torch.Tensor | None,
+               *, rl_weight: float | None = None) -> Decision:
+        """obs [B, D], logits [B, C], complexity [B, F] -> actions at exit k.
+
+        ``rl_weight``: the trust to apply (the serving ingress sends the one its label
+        feedback learnt); None: this router's own.
+        """
         rules = torch.where(self.rule.stop(k, logits, complexity, prev_pred), STOP, CONTINUE)
-        if self.policy is None or (self.gate is not None and not self.gate.open):
+        w = self.rl_weight if rl_weight is None else rl_weight
+        if self.policy is None or (self.gate is not None and not self.gate.open) or w <= 0.0:
             self.decisions["rules"] += rules.shape[0]
-            return Decision(rules, torch.zeros_like(rules, dtype=torch.bool))
+            return Decision(rules, torch.zeros_like(rules, dtype=torch.bool), rules)
         act, probs = self.policy.act(check_finite(obs))
-        sure = probs.amax(dim=1) >= self.needed_confidence - 1e-9
-        if self.rl_weight <= 0.0:
-            sure = torch.zeros_like(sure)
+        sure = probs.amax(dim=1) >= self.needed_confidence(w) - 1e-9
         n_pol = int(sure.sum())
         self.decisions["policy"] += n_pol
         self.decisions["rules"] += sure.shape[0] - n_pol
-        return Decision(torch.where(sure, act, rules), sure)
+        return Decision(torch.where(sure, act, rules), sure, rules)
 
     def decide_fn(self):
         """This router as a :data:`~dynray.routing.rollout.Decide` function."""
@@ -142,23 +188,8 @@ class HybridRouter:
         return decide
 
     def observe(self, policy_reward: torch.Tensor, rules_reward: torch.Tensor) -> float:
-        """Rewards [B] the policy alone and the rules alone earned on the same requests.
-
-        Only requests where the two differ move the weight; returns the new ``rl_weight``.
-        """
-        if policy_reward.shape != rules_reward.shape or not policy_reward.numel():
-            raise ConfigError("observe() needs two reward tensors of the same non-empty shape", got=(tuple(policy_reward.shape), tuple(rules_reward.shape)))
-        d = policy_reward.double() - rules_reward.double()
-        d = d[d != 0]  # requests where both would have done the same carry no evidence
-        if not d.numel():
-            return self.rl_weight
-        diff = float(d.mean())
-        if not math.isfinite(diff):
-            raise ConfigError("non-finite reward", got=diff, fix="rewards are correct - costs; check the cost weights")
-        self.advantage += self.cfg.ewma * (diff - self.advantage)
-        step = self.cfg.adapt_rate * math.tanh(self.advantage / self.cfg.reward_scale)
-        self.rl_weight = min(1.0, max(0.0, self.rl_weight + step))
-        return self.rl_weight
+        """Rewards [B] the policy alone and the rules alone earned on the same requests (:meth:`TrustWeight.observe`)."""
+        return self.trust.observe(policy_reward, rules_reward)
 
 
 def fit_gate(policy: PolicyNet | None, rule: ThresholdRule, cfg: HybridConfig, reward_of: Callable[[Callable], torch.Tensor]) -> Gate:

@@ -18,6 +18,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dynray.drift import DriftConfig
+from dynray.routing.hybrid import HybridConfig
+from dynray.serving.feedback import FeedbackConfig
 from dynray.serving.scheduling import CLOUD_PROFILE, EDGE_PROFILE, DeviceProfile, policy_names
 
 __all__ = [
@@ -186,6 +188,21 @@ class DriftArgs(_Strict):
         return DriftConfig(window=self.window, check_every=min(self.check_every, self.window), alpha=self.alpha, min_effect=self.min_effect)
 
 
+class FeedbackArgs(_Strict):
+    """Label feedback (``POST /v1/feedback``, :mod:`dynray.serving.feedback`): live accuracy per
+    exit, and the hybrid router's trust learnt from labels."""
+
+    enabled: bool = Field(True, description="remember answers so clients can send their true labels back")
+    ttl_s: float = Field(900.0, gt=0, description="an answer can be labelled for this long")
+    max_records: int = Field(200_000, ge=1, description="answers remembered at most (oldest dropped first)")
+    window: int = Field(500, ge=1, description="latest labels per exit behind the live accuracy")
+    prior_samples: float = Field(20.0, ge=0, description="weight (in labels) of the validation accuracy when the book estimates an answer the rules would have given deeper")
+    adapt_rate: float = Field(0.02, ge=0, description="hybrid trust step per labelled request, times tanh(advantage / reward_scale)")
+
+    def config(self) -> FeedbackConfig:
+        return FeedbackConfig(ttl_s=self.ttl_s, max_records=self.max_records, window=self.window, prior_samples=self.prior_samples)
+
+
 # flat names of the 0.x args (``ingress_replicas: 2``) -> their group; the group's field drops the prefix
 _MOVED = {
     **{f"ingress_{f}" if f in ("replicas", "max_ongoing_requests") else f: ("ingress", f) for f in IngressArgs.model_fields},
@@ -201,7 +218,7 @@ class AppArgs(_Strict):
     Grouped the way RLlib groups an algorithm config: the top level says what is served
     (system, models, split, the edge/cloud partition); each group configures one part:
     ``edge``/``cloud`` (:class:`TierArgs`), ``experts``, ``ingress``, ``failover``,
-    ``scheduling``, ``router``, ``auth``, ``detect`` and ``drift``.
+    ``scheduling``, ``router``, ``auth``, ``detect``, ``drift`` and ``feedback``.
     """
 
     system: Literal["dynray", "all_cloud", "cloud_adaptive", "edge_only", "noop"] = Field("dynray", description="dynray graph, or a baseline: all_cloud (the full network on the cloud tier), cloud_adaptive (the same early-exit network, all on the cloud tier), edge_only, noop")
@@ -221,6 +238,7 @@ class AppArgs(_Strict):
     auth: AuthArgs = Field(default_factory=AuthArgs, description="API keys and rate limits (on by default)")
     detect: DetectArgs = Field(default_factory=DetectArgs, description="attack detectors at the ingress and what their flags do")
     drift: DriftArgs = Field(default_factory=DriftArgs, description="drift detection on the served traffic")
+    feedback: FeedbackArgs = Field(default_factory=FeedbackArgs, description="label feedback: live accuracy per exit and the hybrid's learnt trust")
 
     @model_validator(mode="before")
     @classmethod
@@ -244,6 +262,11 @@ class AppArgs(_Strict):
         if self.weights is not None and len(self.weights) != len(self.models):
             raise ValueError(f"weights ({len(self.weights)}) must match models ({len(self.models)})")
         return self
+
+    def hybrid(self) -> HybridConfig:
+        """The hybrid router's trust settings (devices decide with them, the feedback adapts them)."""
+        r = self.router
+        return HybridConfig(min_confidence=r.hybrid_min_confidence, rl_weight=r.hybrid_rl_weight, adapt_rate=self.feedback.adapt_rate)
 
     def tiers(self) -> tuple[str, ...]:
         """Device tiers this system deploys."""

@@ -39,7 +39,7 @@ import torch
 from dynray.errors import ConfigError, DynrayError, RequestError
 from dynray.serving.partition import DeviceReply, DeviceRequest, StageInput
 from dynray.routing.features import Load
-from dynray.routing.rules import RouteContext
+from dynray.routing.rules import RouteContext, RouteTrace
 from dynray.serving.scheduling import DeviceProfile, LoadReport, NoDeviceAvailable, PathEstimate, SchedulingPolicy, WorkloadEstimate, estimate_paths
 from dynray.serving.tiers import CallTime, FailureEvent, TierView, count_failures
 
@@ -154,6 +154,7 @@ class Answer:
     rerouted: torch.Tensor | None = None  # [N] bool: a failed MoE expert's tokens were answered by another expert
     device_failures: int = 0  # device calls that failed while answering (each retried or failed over)
     failed_calls: dict[str, int] = field(default_factory=dict)  # the same, per tier ({} normally)
+    route_trace: RouteTrace | None = None  # [N] where the hybrid router overrode the rules (None: no device traced it)
 
 
 @dataclass
@@ -340,10 +341,13 @@ def _assemble(n: int, path: str, replies: list[DeviceReply], escalated: int = 0,
     macs: dict[str, torch.Tensor] = {}
     pos = torch.arange(n)  # positions (in the request) of the batch the current reply saw
     rerouted = torch.zeros(n, dtype=torch.bool)
+    route_trace = RouteTrace.empty(n) if any(r.result.route_trace is not None for r in replies) else None
     for rep in replies:
         res = rep.result
         if res.rerouted is not None:
             rerouted[pos[res.rerouted]] = True
+        if res.route_trace is not None and route_trace is not None:
+            route_trace.absorb(pos, res.route_trace)
         where = pos.index_select(0, res.done)
         logits.index_copy_(0, where, res.logits)
         exit_index.index_copy_(0, where, res.exit_index)
@@ -360,4 +364,5 @@ def _assemble(n: int, path: str, replies: list[DeviceReply], escalated: int = 0,
         for i in pos.tolist():
             tier[i] = last.tier
     return Answer(logits=logits, exit_index=exit_index, tier=tier, degraded=degraded, macs=macs, path=path, escalated=escalated, rerouted=rerouted,
-                  device_failures=trace.failures if trace is not None else 0, failed_calls=dict(trace.by_tier) if trace is not None else {})
+                  device_failures=trace.failures if trace is not None else 0, failed_calls=dict(trace.by_tier) if trace is not None else {},
+                  route_trace=route_trace)

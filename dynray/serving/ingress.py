@@ -45,6 +45,7 @@ from dynray.serving.drift import DriftWatch, OnAlarm
 from dynray.serving.auth import Admitted, Gate, Refusal
 from dynray.serving.config import CLOUD, EDGE, AppArgs, IngressUserConfig
 from dynray.serving.failover import Answer, DeviceCall, FailoverConfig, Orchestrator
+from dynray.serving.feedback import MAX_FEEDBACK_BYTES, AnswerRecord, FeedbackBook, FeedbackStore, LocalFeedback, exit_costs, parse_feedback
 from dynray.serving.payload import PayloadLimits, decode_request, read_body
 from dynray.serving.scheduling import DeviceProfile, NoDeviceAvailable, SchedulingPolicy, request_cost
 from dynray.serving.split import TrafficSplit
@@ -83,6 +84,10 @@ class ServedPlan:
     weights: CostWeights = field(default_factory=CostWeights)
     references: dict[str, DriftReference | None] = field(default_factory=dict)
     """Served version -> the drift reference saved at its calibration (None: none saved)."""
+    exit_costs: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """Served version -> cost units of an answer at each exit (edge-first path), for label feedback."""
+    reference_accuracy: dict[str, float] = field(default_factory=dict)
+    """Served version -> its validation accuracy at the last exit (label feedback's prior)."""
 
 
 def build_plan(args: AppArgs, cfg: IngressUserConfig, policy: SchedulingPolicy, *, edge: DeviceCall | None, cloud: DeviceCall | None,
@@ -128,7 +133,15 @@ def build_plan(args: AppArgs, cfg: IngressUserConfig, policy: SchedulingPolicy, 
         nominal_ms={t: RouteCosts.from_dict(costs).typical_call_ms(t) for t in ("edge", "cloud")} if costs else None,
         weights=CostWeights(cost=args.router.lambda_cost, lat=args.router.lambda_lat),
         references={i.ref: DriftReference.from_meta(i.meta) for i in infos},
+        exit_costs={i.ref: exit_costs(i.meta["macs"]["stage"], i.meta["macs"]["exit"], k, {t: p.cost_per_mmac for t, p in profiles.items()}) for i in infos},
+        reference_accuracy={i.ref: _reference_accuracy(i.meta) for i in infos},
     )
+
+
+def _reference_accuracy(meta: dict) -> float:
+    """Validation accuracy of the last exit, as training or calibration recorded it (1.0 if neither did)."""
+    acc = meta.get("metrics", {}).get("val_exit_accuracy") or [meta.get("calibration", {}).get("val_reference_accuracy", 1.0)]
+    return float(acc[-1])
 
 
 def request_id(given: str | None) -> str:
@@ -142,13 +155,18 @@ class IngressCore:
     """The ingress's state and endpoints; ``plan`` is None until the first :meth:`configure`."""
 
     def __init__(self, args: AppArgs, metrics: M.MetricsSink, *, tiers: tuple[str, ...], gate: Gate | None = None,
-                 penalise: Penalise | None = None, on_drift: OnAlarm | None = None, replica: str = "local") -> None:
+                 penalise: Penalise | None = None, on_drift: OnAlarm | None = None, replica: str = "local", feedback: FeedbackStore | None = None) -> None:
         """``gate``: API keys and rate limits for every endpoint but health (None: open to anyone).
         ``penalise(key_id, action, factor, duration_s)``: throttle or block a flagged key on
         every replica (the limiter actor); the extraction detector runs only with a gate.
         ``on_drift(version, alarm)``: called when the drift watch raises an alarm. ``replica``:
-        this replica's id (each replica watches the requests it answers)."""
+        this replica's id (each replica watches the requests it answers). ``feedback``: where
+        answers wait for labels (None: this replica's own book, when ``args.feedback.enabled``)."""
         self.args, self.metrics, self.tiers, self.gate, self.penalise, self.replica = args, metrics, tiers, gate, penalise, replica
+        if feedback is None and args.feedback.enabled:
+            feedback = LocalFeedback(FeedbackBook(args.feedback.config(), args.hybrid()))
+        self.feedback = feedback
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}  # the feedback gauges' latest values, re-set by export_gauges
         self.plan: ServedPlan | None = None
         self.flags: deque[dict] = deque(maxlen=256)
         """The detectors' latest flags on this replica (``GET /v1/admin/security``)."""
@@ -211,12 +229,15 @@ class IngressCore:
             version = plan.split.pick(dec.model_version)
             if router == "ppo" and plan.routers.get(version) is None:
                 raise RequestError(f"no PPO router is registered for {version}", status=422, got=router, fix=f"train one with `dynray router train --model {version}`, or ask for 'hybrid' (falls back to thresholds) or 'thresholds'")
-            route = None if router == "thresholds" else RouteContext(router, plan.orch.load_snapshot(plan.nominal_ms), plan.weights)
+            trust = self.feedback.weight(version) if router == "hybrid" and self.feedback is not None else None
+            route = None if router == "thresholds" else RouteContext(router, plan.orch.load_snapshot(plan.nominal_ms), plan.weights, rl_weight=trust)
             ans = await plan.orch.answer(dec.images, version, route)
             latency_ms = (time.perf_counter() - t0) * 1000
             probs = torch.softmax(ans.logits, dim=1)
             out = _answer_body(ans, probs, plan, version, router, latency_ms)
             self._record(plan, version, ans, latency_ms)
+            if self.feedback is not None:
+                self.feedback.remember(_answer_record(rid, plan, version, router, ans, probs))
             if self.drift is not None:
                 self.drift.observe(version, dec.images, probs)
             if who.key_id is not None and self.extraction is not None:
@@ -231,6 +252,44 @@ class IngressCore:
             return Reply(503, {"error": e.message, "request_id": rid}, {**ids, "Retry-After": str(RETRY_AFTER_S)})
         except Exception:  # noqa: BLE001 - the catch-all: a bug answers a JSON 500 with the id to quote, never a bare traceback
             return self._internal_error(rid, "predict")
+
+    # -- POST /v1/feedback ------------------------------------------------------------
+    async def label(self, chunks: AsyncIterable[bytes], headers: Mapping[str, str]) -> Reply:
+        """A client's true label(s) for an earlier answer: live accuracy, and the hybrid's trust."""
+        rid = request_id(headers.get("x-request-id"))
+        ids = {REQUEST_ID_HEADER: rid}
+        try:
+            who = await self.admit(headers, "predict", rid)
+            if isinstance(who, Reply):
+                return who
+            if self.feedback is None:
+                raise RequestError("label feedback is off on this app", status=404, fix="serve with `feedback: {enabled: true}` in the app's args")
+            answered, labels = parse_feedback(await read_body(chunks, MAX_FEEDBACK_BYTES, headers.get("content-length")))
+            done = await self.feedback.label(answered, labels)
+            self._count_labels(done)
+            return Reply(200, {"request_id": answered, **done.to_dict()}, ids)
+        except RequestError as e:
+            self.metrics.inc(M.REJECTED, tags={M.TAG_STATUS: str(e.status)})
+            return Reply(e.status, {"error": e.message, "request_id": rid}, ids)
+        except Exception:  # noqa: BLE001 - a JSON 500 with the id to quote
+            return self._internal_error(rid, "feedback")
+
+    def _count_labels(self, done) -> None:
+        v = done.version
+        for (k, ok), n in Counter(zip(done.exits, done.correct, strict=True)).items():
+            self.metrics.inc(M.FEEDBACK_LABELS, n, tags={M.TAG_VERSION: v, M.TAG_EXIT: str(k), M.TAG_RESULT: "correct" if ok else "wrong"})
+        for k, acc in done.accuracy.items():
+            self._gauges[(M.LIVE_ACCURACY, ((M.TAG_VERSION, v), (M.TAG_EXIT, str(k))))] = acc
+        if done.rl_weight is not None:
+            self._gauges[(M.RL_WEIGHT, ((M.TAG_VERSION, v),))] = done.rl_weight
+        self.export_gauges(drift=False)
+
+    def export_gauges(self, *, drift: bool = True) -> None:
+        """Set the gauges again (Ray drops a gauge ~20 s after its last set): the feedback's, and the drift scores."""
+        for (name, tags), value in self._gauges.items():
+            self.metrics.set(name, value, tags=dict(tags))
+        if drift and self.drift is not None:
+            self.drift.export_gauges()
 
     def _watch(self, key_id: str, images: torch.Tensor, probs: torch.Tensor, rid: str) -> None:
         """Feed the extraction detector; on a flag: log, count, remember, and act."""
@@ -311,7 +370,8 @@ class IngressCore:
             a = self.args
             return Reply(200, {**plan.split.describe(), "system": a.system, "policy": a.scheduling.policy, "edge_stages": a.edge_stages, "router": a.router.kind,
                                "ppo_routers": plan.routers, "router_load": plan.orch.load_snapshot(plan.nominal_ms).__dict__,
-                               "drift": {**self.drift.status(), "replica": self.replica} if self.drift is not None else {"enabled": False}}, ids)
+                               "drift": {**self.drift.status(), "replica": self.replica} if self.drift is not None else {"enabled": False},
+                               "feedback": self.feedback.status() if self.feedback is not None else {"enabled": False}}, ids)
         except Exception:  # noqa: BLE001
             return self._internal_error(rid, "models")
 
@@ -332,6 +392,18 @@ class IngressCore:
                                "flags": list(self.flags), "request_id": rid}, {REQUEST_ID_HEADER: rid})
         except Exception:  # noqa: BLE001
             return self._internal_error(rid, "security")
+
+
+def _answer_record(rid: str, plan: ServedPlan, version: str, router: str, ans: Answer, probs: torch.Tensor) -> AnswerRecord:
+    t = ans.route_trace
+    return AnswerRecord(
+        request_id=rid, version=version, router=router, exit=tuple(ans.exit_index.tolist()), pred=tuple(probs.argmax(dim=1).tolist()),
+        degraded=tuple(ans.degraded.tolist()),
+        override=() if t is None else tuple(t.override.tolist()), rule_exit=() if t is None else tuple(t.rule_exit.tolist()),
+        rule_pred=() if t is None else tuple(t.rule_pred.tolist()),
+        num_classes=int(probs.shape[1]), exit_cost=plan.exit_costs.get(version) or (0.0,) * (int(ans.exit_index.max()) + 1),
+        lambda_cost=plan.weights.cost, reference_accuracy=plan.reference_accuracy.get(version, 1.0), at=time.time(),
+    )
 
 
 def _answer_body(ans: Answer, probs: torch.Tensor, plan: ServedPlan, version: str, router: str, latency_ms: float) -> dict:

@@ -21,7 +21,7 @@ from dynray.errors import UnknownNameError
 __all__ = [
     "RESPONSES", "REQUESTS", "SAMPLES", "EXITS", "ESCALATED", "DEGRADED", "FAILOVERS", "REJECTED", "ERRORS", "RATE_LIMITED",
     "LATENCY_MS", "TIER_LATENCY_MS", "FLAGS", "DRIFT_SCORE", "DRIFT_ALARMS", "DEVICE_EXITS", "BATCH_SIZE", "REPLICA_LATENCY_MS",
-    "EXPERT_TOKENS", "TAG_VERSION", "TAG_PATH", "TAG_STATUS", "TAG_TIER", "TAG_EXIT", "TAG_EXPERT", "TAG_NODE", "TAG_DETECTOR",
+    "EXPERT_TOKENS", "FEEDBACK_LABELS", "LIVE_ACCURACY", "RL_WEIGHT", "TAG_RESULT", "TAG_VERSION", "TAG_PATH", "TAG_STATUS", "TAG_TIER", "TAG_EXIT", "TAG_EXPERT", "TAG_NODE", "TAG_DETECTOR",
     "TAG_ACTION", "LATENCY_BOUNDARIES_MS", "BATCH_BOUNDARIES", "Spec", "SPECS", "COUNTERS", "HISTOGRAMS", "GAUGES", "exported_name",
     "MetricsSink", "MemoryMetrics",
 ]
@@ -29,6 +29,7 @@ __all__ = [
 TAG_VERSION, TAG_PATH, TAG_STATUS, TAG_TIER = "model_version", "path", "status", "tier"
 TAG_EXIT, TAG_EXPERT, TAG_DETECTOR, TAG_ACTION = "exit", "expert", "detector", "action"
 TAG_NODE = "node"
+TAG_RESULT = "result"  # a labelled answer: "correct" or "wrong"
 """Added by the Ray sink to every series: the Ray node id (first 12 hex digits) of the replica."""
 LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -49,6 +50,9 @@ TIER_LATENCY_MS = "dynray_tier_call_latency_ms"  # one ingress -> device call, a
 FLAGS = "dynray_security_flags_total"  # detector flags raised, tags: detector, action
 DRIFT_SCORE = "dynray_drift_score"  # the drift detector's latest score (largest KS statistic), tags: version
 DRIFT_ALARMS = "dynray_drift_alarms_total"  # drift alarms raised (one per episode), tags: version
+FEEDBACK_LABELS = "dynray_feedback_labels_total"  # labelled samples (POST /v1/feedback), tags: version, exit, result
+LIVE_ACCURACY = "dynray_live_accuracy"  # accuracy of the latest labelled answers of an exit, tags: version, exit
+RL_WEIGHT = "dynray_hybrid_rl_weight"  # the hybrid router's trust in its policy, learnt from labels, tags: version
 # -- device and expert replicas ---------------------------------------------------------
 DEVICE_EXITS = "dynray_device_exits_total"  # samples that left a device at an exit, or "continue"d, tags: version, tier, exit
 BATCH_SIZE = "dynray_batch_size"  # samples per forward of a device or expert replica, tags: tier
@@ -83,6 +87,9 @@ SPECS: dict[str, Spec] = {
     FLAGS: Spec(_C, "detector flags raised", (TAG_DETECTOR, TAG_ACTION)),
     DRIFT_SCORE: Spec(_G, "drift score: the largest two-sample KS statistic of the window against the calibration reference", (TAG_VERSION,)),
     DRIFT_ALARMS: Spec(_C, "drift alarms raised", (TAG_VERSION,)),
+    FEEDBACK_LABELS: Spec(_C, "labelled samples by exit and whether the answer was right", (TAG_VERSION, TAG_EXIT, TAG_RESULT)),
+    LIVE_ACCURACY: Spec(_G, "accuracy of the latest labelled answers of one exit (POST /v1/feedback)", (TAG_VERSION, TAG_EXIT)),
+    RL_WEIGHT: Spec(_G, "the hybrid router's trust in its policy, learnt from label feedback", (TAG_VERSION,)),
     DEVICE_EXITS: Spec(_C, "samples leaving a device at an exit, or continuing", (TAG_VERSION, TAG_TIER, TAG_EXIT)),
     BATCH_SIZE: Spec(_H, "samples per forward of a replica", (TAG_TIER,), tuple(BATCH_BOUNDARIES)),
     REPLICA_LATENCY_MS: Spec(_H, "time one call spends in a device or expert replica", (TAG_TIER,), tuple(LATENCY_BOUNDARIES_MS)),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from dynray.errors import ConfigError
-from dynray.routing.rules import RouteContext
+from dynray.routing.rules import RouteContext, RouteTrace
 from dynray.models.dynamic import DynamicNet, StopRule
 
 __all__ = ["StageRange", "StageInput", "StageResult", "DeviceRequest", "DeviceReply", "run_stages", "range_macs", "concat_inputs", "split_result", "group_requests", "split_reply"]
@@ -77,6 +77,7 @@ class StageResult:
     cont_exit: int  # global index of that exit (-1 if the range evaluated none)
     stage_batch: tuple[int, ...]  # samples that entered each hosted stage, for the whole (batched) forward this ran in
     rerouted: torch.Tensor | None = None  # [B] bool: a failed MoE expert's work went to another expert (None: no MoE stage ran)
+    route_trace: RouteTrace | None = None  # [B] the hybrid router's overrides of the rules (None: another router, or no decision here)
 
     @property
     def batch_size(self) -> int:
@@ -161,6 +162,7 @@ def run_stages(model: DynamicNet, rng: StageRange, inp: StageInput, stop_rule: S
         cont_exit=-1 if c is None else rng.stop - 1,
         stage_batch=r.stage_batch,
         rerouted=r.rerouted,
+        route_trace=getattr(stop_rule, "trace", None),
     )
 
 
@@ -202,6 +204,7 @@ def split_result(res: StageResult, sizes: list[int]) -> list[StageResult]:
                 cont_exit=res.cont_exit if c.numel() else -1,
                 stage_batch=res.stage_batch,
                 rerouted=None if res.rerouted is None else res.rerouted[lo:hi],
+                route_trace=None if res.route_trace is None else res.route_trace.index_select(torch.arange(lo, hi)),
             )
         )
         lo = hi

@@ -29,7 +29,7 @@ from dynray.errors import ConfigError, RequestError
 
 __all__ = [
     "FORMS", "ALLOWED_KEYS", "PayloadLimits", "DecodedRequest", "read_body", "decode_request", "decode_json",
-    "encode_array", "encode_png", "encode_inputs", "PredictRequest", "PredictResponse", "ErrorResponse",
+    "encode_array", "encode_png", "encode_inputs", "PredictRequest", "PredictResponse", "FeedbackRequest", "FeedbackResponse", "ErrorResponse",
 ]
 
 logger = logging.getLogger(__name__)
@@ -353,6 +353,28 @@ class PredictResponse(BaseModel):
     expert_rerouted: list[bool] | None = Field(None, description="Per image: an MoE expert failed and the next-best expert by gate score answered instead.")
     device_failures: int = Field(0, description="Device calls that failed while answering (each retried or failed over); 0 normally.")
     failed_calls: dict[Literal["edge", "cloud"], int] = Field(default_factory=dict, description="device_failures per tier, e.g. {\"edge\": 1}; {} normally.")
+
+
+class FeedbackRequest(BaseModel):
+    """Body of POST /v1/feedback: the true label(s) of an earlier predict answer."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(description="The X-Request-Id of the predict answer (send your own X-Request-Id with the predict to know it in advance).")
+    label: int | None = Field(None, description="True class of a one-image request.")
+    labels: list[int] | None = Field(None, description="True class of each image, in the request's order (instead of label).")
+
+
+class FeedbackResponse(BaseModel):
+    """200 answer of POST /v1/feedback."""
+
+    request_id: str = Field(description="The answered request the labels were for.")
+    model_version: str = Field(description="Model version that answered it.")
+    router: str = Field(description="Router that answered it.")
+    exit: list[int] = Field(description="Exit each image left at.")
+    correct: list[bool] = Field(description="Whether each answer was right.")
+    evidence: int = Field(description="Images where the hybrid's policy overrode the thresholds: they moved rl_weight.")
+    rl_weight: float | None = Field(None, description="The hybrid's trust in its policy after this label (null: not a hybrid answer).")
+    live_accuracy: dict[str, float] = Field(description="Live accuracy of the exits these labels touched, after them.")
 
 
 class ErrorResponse(BaseModel):

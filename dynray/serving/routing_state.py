@@ -78,6 +78,8 @@ class SharedView:
     tiers: dict[str, TierObservation]
     replicas: tuple[str, ...]
     """Ingress replicas heard from within ``expire_s``."""
+    rl_weight: dict[str, float] = field(default_factory=dict)
+    """The hybrid router's trust per served version, learnt from label feedback (``actors/routing_state.py`` adds it)."""
 
 
 @dataclass

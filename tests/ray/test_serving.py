@@ -88,6 +88,39 @@ def test_each_router_setting_answers(served):
     assert bad.status_code == 422 and "unknown router" in bad.json()["error"]
 
 
+def test_labels_over_http_reach_the_shared_book_and_move_the_hybrids_trust(served):
+    """POST /v1/feedback on an app with 2 ingress replicas: every label goes to the book in
+    RoutingState, whichever replica answered. The truth here is the thresholds' answer; the
+    registered policy stops everything at exit 0, so it is wrong wherever exit 0 disagrees:
+    rl_weight falls, and then the hybrid answers as the thresholds do. Bad labels get 4xx."""
+    h, url = served["http"], served["url"]
+    x = load_dataset("mnist-5k", "test").images[:8]
+    body = encode_array(x)
+    truth = _post(served, {**body, "router": "thresholds"}).json()["predictions"]
+    weights = []
+    for i in range(60):
+        rid = f"fb-{i}"
+        r = _post(served, {**body, "router": "hybrid"}, headers={"X-Request-Id": rid})
+        assert r.status_code == 200 and r.headers["X-Request-Id"] == rid, r.text
+        f = h.post(f"{url}/v1/feedback", json={"request_id": rid, "labels": truth}, timeout=30)
+        assert f.status_code == 200, f.text
+        weights.append(f.json()["rl_weight"])
+    assert weights[0] < 0.8 and weights[-1] < 0.15, weights
+    time.sleep(1.5)  # both ingress replicas take the weight at their next sync (every 0.5 s)
+    for _ in range(4):
+        assert _post(served, {**body, "router": "hybrid"}).json()["predictions"] == truth
+    assert f.json()["live_accuracy"]
+    # bad labels: unknown id, repeated, out of range, wrong count
+    assert h.post(f"{url}/v1/feedback", json={"request_id": "never-answered", "label": 1}, timeout=30).status_code == 404
+    assert h.post(f"{url}/v1/feedback", json={"request_id": "fb-0", "labels": truth}, timeout=30).status_code == 409
+    rid = "fb-bad"
+    assert _post(served, body, headers={"X-Request-Id": rid}).status_code == 200
+    for bad in ({"labels": [10] * 8}, {"labels": truth[:3]}, {"label": 1}):
+        resp = h.post(f"{url}/v1/feedback", json={"request_id": rid, **bad}, timeout=30)
+        assert resp.status_code == 422 and resp.json()["error"], resp.text
+    assert requests.post(f"{url}/v1/feedback", json={"request_id": rid, "labels": truth}, timeout=30).status_code == 401  # scope predict: a key
+
+
 BAD = [
     ("wrong shape", lambda: json.dumps({"inputs": [[0.0] * 10]}), "application/json", 422),
     ("wrong dtype", lambda: json.dumps({"array_b64": "AAAA", "dtype": "int64", "shape": [1, 1, 28, 28]}), "application/json", 422),

@@ -274,7 +274,7 @@ def test_hybrid_rl_weight_adapts_and_stays_bounded():
     for _ in range(500):
         down.observe(bad, good)
     assert down.rl_weight == 0.0
-    assert down.needed_confidence == pytest.approx(1.0)
+    assert down.needed_confidence() == pytest.approx(1.0)
 
     with pytest.raises(ConfigError):
         up.observe(torch.zeros(3), torch.zeros(4))

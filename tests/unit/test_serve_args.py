@@ -25,7 +25,7 @@ def test_defaults_live_in_the_groups():
     a = AppArgs()
     assert a.ingress == IngressArgs() and a.failover == FailoverArgs() and a.scheduling == SchedulingArgs() and a.router == RouterArgs()
     assert set(AppArgs.model_fields) == {"system", "home", "registry", "models", "weights", "edge_stages", "simulate", "edge", "cloud", "experts",
-                                         "ingress", "failover", "scheduling", "router", "auth", "detect", "drift"}
+                                         "ingress", "failover", "scheduling", "router", "auth", "detect", "drift", "feedback"}
     assert a.auth.enabled is True  # secure by default: an app without an auth group asks for keys
 
 
