@@ -245,7 +245,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train a DynamicNet with Ray Train and register it", _job("train")),
     "finetune": Command("fine-tune a registered model (freeze, unfreeze last N, gradual, split LRs)", _job("finetune")),
     "calibrate": Command("calibrate thresholds on the val split (registers a child version)", _job("calibrate")),
-    "bench": Command("measure a section (core, serve, router, moe, nas, cluster, security, drift, compress, gan, federated) into the bench JSON", _job("bench")),
+    "bench": Command("measure a section (core, serve, router, moe, nas, cluster, security, drift, compress, gan, federated, calibration) into the bench JSON", _job("bench")),
     "compress": Command("edge variants of a model: int8 quantisation, channel pruning or distillation (registers a child version)", _job("compress")),
     "gan": Command("train a class-conditional GAN on a dataset (sample grid PNG, quality check); registers the generator for train --synthetic", _job("gan")),
     "federated": Command("FedAvg across device actors on edge nodes (non-IID shards; compressed updates, secure aggregation); registers the model", _job("federated")),

@@ -73,12 +73,17 @@ def train_and_register(
     return info, outcome
 
 
-def calibrate_and_register(registry: ModelRegistry, ref: str | None, target: CalibrationTarget, *, data_root: str | None = None) -> tuple[ModelInfo, CalibrationResult]:
-    """Calibrate a registered model's thresholds on its val split; registers a child version."""
+def calibrate_and_register(registry: ModelRegistry, ref: str | None, target: CalibrationTarget, *, data_root: str | None = None,
+                           cv_folds: int = 5, cv_seed: int = 0) -> tuple[ModelInfo, CalibrationResult]:
+    """Calibrate a registered model's thresholds on its val split; registers a child version.
+
+    ``cv_folds``/``cv_seed``: the cross-validated choice of the rule family (0 folds: chosen
+    on all of val); see :func:`dynray.thresholds.calibrate`.
+    """
     stored = load_model(registry, ref)
     val = load_dataset(stored.dataset, "val", root=data_root)
     rec = collect_exit_outputs(stored.model, val.images, val.labels)
-    res = calibrate(rec, target)
+    res = calibrate(rec, target, cv_folds=cv_folds, cv_seed=cv_seed)
     calibration = {
         "target": dataclasses.asdict(target),
         "val_accuracy": res.val.accuracy,
@@ -88,6 +93,9 @@ def calibrate_and_register(registry: ModelRegistry, ref: str | None, target: Cal
         "val_exit_fractions": list(res.val.exit_fractions),
         "sensitivity": [dataclasses.asdict(s) for s in res.sensitivity],
         "candidates": list(res.candidates),
+        "cv_folds": res.cv_folds,
+        "cv_seed": cv_seed,
+        "cv": list(res.cv),
     }
     meta = stored.info.meta
     reference = drift_reference(stored.model, res.rule, val)

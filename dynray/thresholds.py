@@ -10,6 +10,12 @@ Calibration walks every threshold down from "never stop" one quantile step at a 
 each step it uses the sensitivity of the candidate moves, dMACs/dτ over dAccuracy/dτ, to
 take the move that saves the most compute per unit of accuracy lost, and stops at the
 target (accuracy drop against the last exit, or a MAC budget).
+
+The confidence measure is chosen on all of val among confidence-only rules; whether the
+complexity weight β and the agreement bonus γ earn their place is chosen by K-fold
+cross-validation on val (see :func:`calibrate`): every (β, γ) is calibrated on K-1 folds and
+measured on the held-out fold, so a β or γ that only fits the noise of ~500 val samples does
+not win; the chosen rule's thresholds are then calibrated on all of val.
 """
 
 from __future__ import annotations
@@ -166,7 +172,12 @@ class CalibrationResult:
     reference_accuracy: float  # last exit's accuracy on val
     target: CalibrationTarget
     sensitivity: tuple[ExitSensitivity, ...]
-    candidates: tuple[dict, ...] = field(default=())  # every (confidence, β) tried, for the report
+    candidates: tuple[dict, ...] = field(default=())  # every (confidence, β, γ) calibrated on all of val, for the report
+    cv: tuple[dict, ...] = field(default=())
+    """Per (confidence, β, γ): held-out accuracy, MACs and loss over the CV folds (mean and
+    standard error), whether it was admissible and which one was chosen; () without CV."""
+    cv_folds: int = 0
+    """Folds of the cross-validated choice (0: chosen on all of val, the pre-CV behaviour)."""
 
 
 class _Evaluator:
@@ -184,11 +195,12 @@ class _Evaluator:
         self.cost = rec.cum_macs.numpy()  # [K]
         self.n = self.scores.shape[1]
         self.cols = np.arange(self.n)
-        self.always = np.ones((1, self.n), dtype=bool)
+        self.last = np.full(self.n, len(self.cost) - 1)
 
     def __call__(self, taus: Sequence[float]) -> tuple[float, float, float]:
-        stop = np.vstack([self.scores >= np.asarray(taus)[:, None], self.always])  # [K, N]
-        exit_index = stop.argmax(axis=0)  # first exit that says stop
+        exit_index = self.last.copy()  # [N] first exit that says stop: walk back from the last
+        for k in range(len(self.scores) - 1, -1, -1):
+            exit_index[self.scores[k] >= taus[k]] = k
         ok = self.correct[exit_index, self.cols]
         lost = np.count_nonzero(self.last_ok & ~ok)
         return np.count_nonzero(ok) / self.n, float(self.cost[exit_index].mean()), lost / self.n
@@ -259,6 +271,82 @@ def _greedy(rec: ExitRecords, scores: torch.Tensor, target: CalibrationTarget, l
         taus[k] = grids[k][pos[k]]
 
 
+def _subset(rec: ExitRecords, idx: np.ndarray) -> ExitRecords:
+    t = torch.as_tensor(idx)
+    return ExitRecords(logits=rec.logits[:, t], complexity=rec.complexity[t], labels=rec.labels[t], cum_macs=rec.cum_macs, full_macs=rec.full_macs)
+
+
+def _mean_se(x: list[float]) -> tuple[float, float]:
+    a = np.asarray(x, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
+
+
+def _simplicity(row: dict) -> int:
+    """How many optional terms a combination switches on (β, γ): the one-SE rule prefers fewer."""
+    return int(row["complexity_weight"] != 0.0) + int(row["agreement_bonus"] != 0.0)
+
+
+def _cross_validate(rec: ExitRecords, target: CalibrationTarget, rules: list[ThresholdRule], scores: list[torch.Tensor], *, folds: int, seed: int, levels: int) -> list[dict]:
+    """Held-out accuracy, mean MACs and loss of every rule family over ``folds`` folds.
+
+    The folds are a seeded permutation of the samples (deterministic under ``seed``); each
+    family's thresholds are calibrated to ``target`` on K-1 folds and measured on the other.
+    """
+    n = rec.labels.shape[0]
+    parts = np.array_split(np.random.default_rng(seed).permutation(n), folds)
+    splits = [(np.sort(np.concatenate(parts[:i] + parts[i + 1 :])), np.sort(held)) for i, held in enumerate(parts)]
+    subsets = [(_subset(rec, tr), _subset(rec, te)) for tr, te in splits]
+    rows = []
+    for rule, s in zip(rules, scores):  # stop scores are per-sample, so a fold's are a slice
+        acc, macs, loss = [], [], []
+        try:
+            for (tr, te), (rec_tr, rec_te) in zip(splits, subsets):
+                taus = _greedy(rec_tr, s[:, tr], target, levels)
+                a, m, lo = _Evaluator(rec_te, s[:, te])(taus)
+                acc.append(a), macs.append(m), loss.append(lo)
+        except CalibrationError:  # a MAC budget some training fold cannot meet: not a candidate
+            acc = macs = loss = []
+        row = {"confidence": rule.confidence, "complexity_weight": rule.complexity_weight, "agreement_bonus": rule.agreement_bonus, "feasible": bool(acc)}
+        for name, vals in (("accuracy", acc), ("mean_macs", macs), ("loss", loss)):
+            row[f"{name}_mean"], row[f"{name}_se"] = _mean_se(vals) if vals else (math.nan, math.nan)
+        rows.append(row)
+    return rows
+
+
+def _cv_choice(rows: list[dict], target: CalibrationTarget) -> int:
+    """Index of the chosen row; marks ``admissible`` and ``chosen`` on every row.
+
+    Max-drop target: calibrating to the target on K-1 folds is optimistic, so held-out loss
+    (the share of the last exit's correct answers given up) runs above the target for every
+    family, most when the target is a sample or two. A family is admissible when its mean
+    held-out loss is within one standard error of max(target, the lowest mean held-out loss
+    any family reached): not distinguishable from meeting the target, or from the best any
+    family generalises to. Among those the lowest mean held-out MACs wins, and then the
+    one-SE rule (Breiman et al. 1984; Hastie et al., ESL §7.10): of the admissible families
+    whose mean MACs are within one SE of the winner's, take the simplest (fewest of β, γ
+    switched on), then the cheapest. MAC budget: the same with MACs and accuracy swapped
+    (admissible: mean held-out MACs within one SE of max(budget, lowest); best mean accuracy).
+    """
+    ok = [r for r in rows if r["feasible"]]
+    if not ok:
+        raise CalibrationError("no threshold family can be calibrated to the target on every CV training fold", got=target,
+                               fix="raise the MAC budget, or pass cv_folds=0 to choose on all of val")
+    if target.max_drop is not None:
+        cost, cost_se, gain, cap = "loss_mean", "loss_se", "mean_macs", max(target.max_drop, min(r["loss_mean"] for r in ok))
+    else:
+        cost, cost_se, gain, cap = "mean_macs_mean", "mean_macs_se", "accuracy", max(float(target.macs_budget), min(r["mean_macs_mean"] for r in ok))
+    sign = 1.0 if target.max_drop is not None else -1.0  # minimise MACs, or maximise accuracy
+    for r in rows:
+        r["admissible"] = r["feasible"] and r[cost] <= cap + r[cost_se] + 1e-12
+        r["chosen"] = False
+    adm = [r for r in rows if r["admissible"]]
+    best = min(adm, key=lambda r: (sign * r[f"{gain}_mean"], _simplicity(r)))
+    near = [r for r in adm if sign * r[f"{gain}_mean"] <= sign * best[f"{gain}_mean"] + best[f"{gain}_se"] + 1e-12]
+    pick = min(near, key=lambda r: (_simplicity(r), sign * r[f"{gain}_mean"]))
+    pick["chosen"] = True
+    return rows.index(pick)
+
+
 def calibrate(
     rec: ExitRecords,
     target: CalibrationTarget,
@@ -269,13 +357,27 @@ def calibrate(
     feature_weights: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25),
     levels: int = 200,
     complexity_margin: float = 0.02,
+    cv_folds: int = 5,
+    cv_seed: int = 0,
 ) -> CalibrationResult:
     """Calibrate a :class:`ThresholdRule` on validation-split records to ``target``.
 
-    Tries every (confidence, β, γ) combination and keeps the cheapest rule that meets a max-drop
-    target, or the most accurate one within a MAC budget. A rule with β > 0 must win by
+    Every (confidence, β, γ) combination is calibrated on all of val (``candidates``). With
+    ``cv_folds`` >= 2 the confidence measure is the one whose confidence-only rule is best on
+    all of val, and its (β, γ) is chosen by ``cv_folds``-fold cross-validation (seeded by
+    ``cv_seed``; see :func:`_cv_choice` for the rule, and ``cv`` in the result for the table);
+    the thresholds are the ones calibrated on all of val. With ``cv_folds``
+    0 or 1 (the pre-CV behaviour) it keeps the cheapest rule on val that meets a max-drop
+    target, or the most accurate one within a MAC budget, where a rule with β > 0 must win by
     ``complexity_margin`` (relative), because computing the complexity features costs time.
+    A single combination needs no choice and skips CV.
     """
+    n = rec.labels.shape[0]
+    if isinstance(cv_folds, bool) or not isinstance(cv_folds, int) or cv_folds < 0:
+        raise ConfigError("cv_folds must be a whole number >= 0", got=cv_folds, fix="use e.g. cv_folds=5, or 0 to choose on all of val")
+    if cv_folds >= 2 and n < 2 * cv_folds:
+        raise ConfigError("too few validation samples for cross-validation", got={"samples": n, "cv_folds": cv_folds},
+                          fix=f"use at most {max(n // 2, 0)} folds, or cv_folds=0 to choose on all of val")
     reference = rec.exit_accuracy()[-1]
     if target.macs_budget is not None and target.macs_budget < float(rec.cum_macs[0]):
         raise CalibrationError(
@@ -283,23 +385,35 @@ def calibrate(
             got=target.macs_budget,
             fix=f"the minimum is {float(rec.cum_macs[0]):,.0f} MACs/sample (everything leaves at exit 1)",
         )
-    best: tuple[tuple[float, float], ThresholdRule, Outcome] | None = None
-    tried = []
     combos = [(c, b, g) for c in confidences for b in complexity_weights for g in (agreement_bonuses if rec.num_exits > 2 else (0.0,))]
-    for conf, beta, gamma in combos:
-        rule = ThresholdRule(thresholds=(0.0,) * (rec.num_exits - 1), confidence=conf, complexity_weight=beta,
-                             feature_weights=feature_weights, agreement_bonus=gamma)
-        taus = _greedy(rec, _scores(rec, rule), target, levels)
-        rule = replace(rule, thresholds=tuple(taus))
+    families = [ThresholdRule(thresholds=(0.0,) * (rec.num_exits - 1), confidence=c, complexity_weight=b, feature_weights=feature_weights, agreement_bonus=g)
+                for c, b, g in combos]
+    scores = [_scores(rec, family) for family in families]
+    fitted: list[tuple[tuple[float, float], ThresholdRule, Outcome]] = []
+    tried = []
+    for family, s in zip(families, scores):
+        rule = replace(family, thresholds=tuple(_greedy(rec, s, target, levels)))
         out = simulate(rec, rule)
-        tried.append({"confidence": conf, "complexity_weight": beta, "agreement_bonus": gamma, "accuracy": out.accuracy, "mean_macs": out.mean_macs})
+        tried.append({"confidence": rule.confidence, "complexity_weight": rule.complexity_weight, "agreement_bonus": rule.agreement_bonus,
+                      "accuracy": out.accuracy, "mean_macs": out.mean_macs})
         key = (out.mean_macs, -out.accuracy) if target.max_drop is not None else (-out.accuracy, out.mean_macs)
-        if beta:
+        if rule.complexity_weight:
             # the complexity features cost wall-clock time (not MACs): use them only if
             # they beat a confidence-only rule by a clear margin on val
             key = (key[0] * (1 + complexity_margin), key[1]) if key[0] > 0 else (key[0] * (1 - complexity_margin), key[1])
-        if best is None or key < best[0]:
-            best = (key, rule, out)
-    assert best is not None
-    _, rule, out = best
-    return CalibrationResult(rule=rule, val=out, reference_accuracy=reference, target=target, sensitivity=sensitivity(rec, rule), candidates=tuple(tried))
+        fitted.append((key, rule, out))
+    folds = cv_folds if cv_folds >= 2 and len(families) > 1 else 0
+    if folds:
+        # the confidence measure is chosen on all of val among the confidence-only rules (as
+        # before CV: which measure ranks the samples best is not what overfits); CV decides
+        # whether β and γ earn their place with that measure
+        plain = [i for i, f in enumerate(families) if not f.complexity_weight and not f.agreement_bonus]
+        conf = families[min(plain, key=lambda i: fitted[i][0])].confidence if plain else None
+        idx = [i for i, f in enumerate(families) if conf is None or f.confidence == conf]
+        table = _cross_validate(rec, target, [families[i] for i in idx], [scores[i] for i in idx], folds=folds, seed=cv_seed, levels=levels)
+        _, rule, out = fitted[idx[_cv_choice(table, target)]]
+    else:
+        table = []
+        _, rule, out = min(fitted, key=lambda f: f[0])  # first of equal keys, as before
+    return CalibrationResult(rule=rule, val=out, reference_accuracy=reference, target=target, sensitivity=sensitivity(rec, rule),
+                             candidates=tuple(tried), cv=tuple(table), cv_folds=folds)

@@ -1,11 +1,11 @@
 """Ray job: measure one bench section and merge it into the bench JSON file.
 
     python -m jobs.bench core --json out/bench.json          (core: the adaptive network itself)
-    python -m jobs.bench serve|router|moe|nas|cluster|security|drift|compress|gan|federated --json out/bench.json [section flags]
+    python -m jobs.bench serve|router|moe|nas|cluster|security|drift|compress|gan|federated|calibration --json out/bench.json [section flags]
     dynray bench SECTION --json out/bench.json
 
 Each section is its own job module (``jobs.bench_serve``, ``jobs.bench_router``,
-``jobs.bench_moe``, ``jobs.bench_nas``, ``jobs.bench_cluster``, ``jobs.bench_security``, ``jobs.bench_drift``, ``jobs.bench_compress``, ``jobs.bench_gan``, ``jobs.bench_federated``) with its own flags (``--help`` after the section
+``jobs.bench_moe``, ``jobs.bench_nas``, ``jobs.bench_cluster``, ``jobs.bench_security``, ``jobs.bench_drift``, ``jobs.bench_compress``, ``jobs.bench_gan``, ``jobs.bench_federated``, ``jobs.bench_calibration``) with its own flags (``--help`` after the section
 name lists them); the measurements are in :mod:`dynray.bench`. An existing JSON file is
 checked before the measurement starts, so a corrupt one is refused before minutes of work.
 """
@@ -33,7 +33,7 @@ from dynray.pipeline import bench_and_write
 from dynray.registry import ModelRegistry
 from dynray.training import TrainConfig
 from jobs._ray import connect
-from jobs import bench_cluster, bench_compress, bench_drift, bench_federated, bench_gan, bench_moe, bench_nas, bench_router, bench_security, bench_serve
+from jobs import bench_calibration, bench_cluster, bench_compress, bench_drift, bench_federated, bench_gan, bench_moe, bench_nas, bench_router, bench_security, bench_serve
 
 __all__ = ["CoreConfig", "Config", "run_core", "run", "parse_args", "main"]
 
@@ -95,16 +95,17 @@ Config = Union[  # noqa: UP007 - tyro reads the subcommands from a typing.Union
     Annotated[bench_compress.Config, tyro.conf.subcommand("compress")],
     Annotated[bench_gan.Config, tyro.conf.subcommand("gan")],
     Annotated[bench_federated.Config, tyro.conf.subcommand("federated")],
+    Annotated[bench_calibration.Config, tyro.conf.subcommand("calibration")],
 ]
 """One config type per section; the section name on the command line picks it."""
 
 _RUN = {CoreConfig: run_core, bench_serve.Config: bench_serve.run, bench_router.Config: bench_router.run,
         bench_moe.Config: bench_moe.run, bench_nas.Config: bench_nas.run, bench_cluster.Config: bench_cluster.run, bench_security.Config: bench_security.run,
         bench_drift.Config: bench_drift.run, bench_compress.Config: bench_compress.run, bench_gan.Config: bench_gan.run,
-        bench_federated.Config: bench_federated.run}
+        bench_federated.Config: bench_federated.run, bench_calibration.Config: bench_calibration.run}
 
 
-def run(cfg: CoreConfig | bench_serve.Config | bench_router.Config | bench_moe.Config | bench_nas.Config | bench_cluster.Config | bench_security.Config | bench_drift.Config | bench_compress.Config | bench_gan.Config | bench_federated.Config) -> BenchResult:
+def run(cfg: CoreConfig | bench_serve.Config | bench_router.Config | bench_moe.Config | bench_nas.Config | bench_cluster.Config | bench_security.Config | bench_drift.Config | bench_compress.Config | bench_gan.Config | bench_federated.Config | bench_calibration.Config) -> BenchResult:
     return _RUN[type(cfg)](cfg)
 
 

@@ -6,7 +6,8 @@ adaptive network), :mod:`~dynray.bench.moe`, :mod:`~dynray.bench.router` (with
 (the search report), :mod:`~dynray.bench.serve` (HTTP measurement and its summary),
 :mod:`~dynray.bench.cluster` (node and replica scaling from a sampled timeline),
 :mod:`~dynray.bench.security` (detectors; :mod:`~dynray.bench.fuzz` fuzzes the ingress),
-:mod:`~dynray.bench.drift` (the drift streams and their offline replay);
+:mod:`~dynray.bench.drift` (the drift streams and their offline replay), :mod:`~dynray.bench.calibration`
+(the ablation of the calibrator's rule families);
 :mod:`~dynray.bench.load` generates HTTP load and :mod:`~dynray.bench.report` prints every
 section. The drivers that need a live cluster (deploying apps, chaos, autoscaling) are the
 ``jobs/bench*.py`` jobs, which call into these modules.
@@ -27,9 +28,9 @@ from dynray.fileio import locked, write_atomic
 
 __all__ = ["SECTIONS", "BUILT_SECTIONS", "BenchTarget", "BenchResult", "check_bench_file", "merge_section"]
 
-SECTIONS = ("core", "serve", "router", "moe", "nas", "cluster", "security", "compress", "gan", "federated", "drift")
+SECTIONS = ("core", "serve", "router", "moe", "nas", "cluster", "security", "compress", "gan", "federated", "drift", "calibration")
 """Every section of the bench JSON contract (DESIGN.md §4); later issues build the rest."""
-BUILT_SECTIONS = ("core", "serve", "router", "moe", "nas", "cluster", "security", "drift", "compress", "gan", "federated")
+BUILT_SECTIONS = ("core", "serve", "router", "moe", "nas", "cluster", "security", "drift", "compress", "gan", "federated", "calibration")
 """The sections `dynray bench` can measure today."""
 
 

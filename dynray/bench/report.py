@@ -136,6 +136,7 @@ def format_drift(s: dict) -> str:
 
 def format_section(section: str, s: dict) -> str:
     """The printer of ``section`` (core for any section without its own)."""
+    from dynray.bench.calibration import format_calibration
     from dynray.bench.cluster import format_cluster
     from dynray.bench.compress import format_compress
     from dynray.bench.federated import format_federated
@@ -144,4 +145,4 @@ def format_section(section: str, s: dict) -> str:
 
     return {"core": format_core, "serve": format_serve, "router": format_router, "moe": format_moe, "nas": format_nas, "cluster": format_cluster,
             "security": format_security, "drift": format_drift, "compress": format_compress,
-            "gan": format_gan, "federated": format_federated}.get(section, format_core)(s)
+            "gan": format_gan, "federated": format_federated, "calibration": format_calibration}.get(section, format_core)(s)
