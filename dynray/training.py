@@ -109,8 +109,9 @@ class TrainConfig:
     def model_config(self) -> DynamicNetConfig:
         return self.model or default_model_config(self.dataset)
 
-    def exit_weights(self, epoch: int) -> tuple[float, ...]:
-        k = self.model_config().num_exits
+    def exit_weights(self, epoch: int, num_exits: int | None = None) -> tuple[float, ...]:
+        """Per-exit loss weights at ``epoch`` for a model of ``num_exits`` exits (default: this config's model)."""
+        k = num_exits or self.model_config().num_exits
         start = self.exit_weights_start or (0.3,) * (k - 1) + (1.0,)
         end = self.exit_weights_end or (1.0,) * k
         return anneal_vector(self.schedule, start, end, _progress(epoch, self.epochs))
@@ -174,7 +175,7 @@ def train_epoch(
     steps = n // cfg.batch_size
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 17 + rank)
     loss_fn = MultiExitLoss(distill_alpha=cfg.distill_alpha, temperature=cfg.temperature)
-    weights = cfg.exit_weights(epoch)
+    weights = cfg.exit_weights(epoch, model.num_exits)  # the model trained: a recipe may train another architecture than its default
     trainable = trainable_stages(cfg.finetune, model.num_exits, epoch)
     net.train()
     set_frozen_modes(model.stages, trainable)
