@@ -46,8 +46,33 @@ def run(cfg: Config) -> BenchResult:
     result = run_search(nas_cfg, ModelRegistry(), out_dir=out)
     print(format_table(result), flush=True)
     section = result.section()
+    section["runs"] = _previous_runs(cfg.json) + [_run_row(section, nas_cfg.seed)]
     merge_section(cfg.json, "nas", section)
     return BenchResult("nas", section, cfg.json)
+
+
+def _run_row(section: dict, seed: int) -> dict:
+    """This run's entry of ``nas.runs[]``: the predictor's held-out rank correlation with its
+    chance floor and val/test ceiling, next to the search's headline numbers."""
+    first = section.get("predictor", {}).get("at_first_rung", {})
+    return {
+        "seed": seed, "searcher": section["searcher"], "trials": section["trials"], "minutes": section["minutes"],
+        "asha_stopped_frac": section["asha_stopped_frac"], "dominates_default": section["dominates_default"],
+        "predictor_spearman": section["predictor_spearman"], "predictor_spearman_null95": first.get("accuracy_null95"),
+        "predictor_spearman_p": first.get("accuracy_p"), "predictor_val_test_spearman": first.get("val_test_spearman"),
+        "predictor_trials": first.get("trials"), "accuracy_iqr_first_rung": first.get("accuracy_iqr"),
+    }
+
+
+def _previous_runs(path: str) -> list[dict]:
+    """``nas.runs[]`` already in the bench JSON (each run appends itself); [] if none."""
+    import json
+
+    try:
+        runs = json.loads(Path(path).read_text()).get("nas", {}).get("runs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [r for r in runs if isinstance(r, dict)]
 
 
 def unprefix(argv: list[str]) -> list[str]:

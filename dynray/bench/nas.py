@@ -74,20 +74,42 @@ def observations(records: list[TrialRecord], histories: dict[str, Any], cfg: NAS
         vec = cfg.space.encode(Candidate.from_dict(t.candidate))
         for _, row in histories[t.trial_id].iterrows():
             if all(k in row and row[k] == row[k] for k in ("accuracy", "macs", "latency_ms")):
-                out.append(Observation(t.trial_id, vec, int(row["training_iteration"]), {k: float(row[k]) for k in ("accuracy", "macs", "latency_ms")}))
+                # test_accuracy rides along for the check's val/test agreement; the predictor never fits it
+                keys = ("accuracy", "macs", "latency_ms") + (("test_accuracy",) if "test_accuracy" in row and row["test_accuracy"] == row["test_accuracy"] else ())
+                out.append(Observation(t.trial_id, vec, int(row["training_iteration"]), {k: float(row[k]) for k in keys}))
     return out
 
 
 def _predictor_report(obs: list[Observation], cfg: NASConfig) -> dict:
+    """Held-out rank correlation of the search's predictor (5-fold by candidate).
+
+    ``at_first_rung`` is the honest number: every held-out trial at the first ASHA rung, so
+    all compared trials trained equally long; ``null95`` there is what randomly permuted
+    predictions reach with this many trials, ``val_test_spearman`` how well a second
+    measurement (test) of the same trials agrees with their val ranking (a ceiling), and
+    ``accuracy_iqr`` their spread. ``at_last_report`` compares trials at different epochs,
+    which the predictor is told, so the epochs dominate it. ``vector_only`` is the same check
+    for the same ensemble on the raw encoding (no proxies), for comparison.
+    """
+    from dynray.nas.predictor import PredictorConfig
+    from dynray.nas.proxies import CandidateFeatures, ProxyConfig
+
     n = len({o.trial for o in obs})
     if n < 5:
         return {"skipped": f"{n} trials with reports; the held-out check needs >= 5"}
-    return {
-        "model": "Gaussian process per metric (Matern 5/2, ARD) on [config vector, epochs]",
-        "folds": 5,
-        "at_first_rung": heldout_spearman(obs, cfg.epochs, at_epoch=cfg.grace, seed=cfg.seed),
-        "at_last_report": heldout_spearman(obs, cfg.epochs, at_epoch=None, seed=cfg.seed),
-    }
+    proxies = ProxyConfig(dataset=cfg.dataset, data_root=cfg.data_root, seed=cfg.seed)
+    features = CandidateFeatures(cfg.space, proxies)
+    pcfg = PredictorConfig()
+    try:
+        return {
+            "model": f"ensemble ({' + '.join(pcfg.members)}) per metric on [{', '.join(proxies.columns)}, log epochs]",
+            "folds": 5,
+            "at_first_rung": heldout_spearman(obs, cfg.epochs, at_epoch=cfg.grace, seed=cfg.seed, features=features, config=pcfg),
+            "at_last_report": heldout_spearman(obs, cfg.epochs, at_epoch=None, seed=cfg.seed, features=features, config=pcfg),
+            "vector_only": {"at_first_rung": heldout_spearman(obs, cfg.epochs, at_epoch=cfg.grace, seed=cfg.seed, config=pcfg)},
+        }
+    except ConfigError as e:  # e.g. fewer than 5 distinct candidates: report why, keep the search's result
+        return {"skipped": str(e)}
 
 
 def _dominance(records: list[TrialRecord], front: list[int]) -> dict:
@@ -152,8 +174,9 @@ def format_table(result: NASResult) -> str:
     for t in order:
         m = t.metrics
         mark = "*" if t.trial_id in front else ("R" if t.reference else " ")
-        if t.status == "failed":
-            lines.append(f"{t.trial_id:<14} {t.status:<9} {t.epochs:>3} {'':>8} {'':>10} {'':>8} {'':>10} {'':>7}  {t.row()['config']}  [{t.error}]")
+        if t.status == "failed" or not all(k in m for k in ("accuracy", "macs", "test_accuracy", "test_macs", "latency_ms")):
+            # failed, or cut by the time budget before its first report (no metrics)
+            lines.append(f"{t.trial_id:<14} {t.status:<9} {t.epochs:>3} {'':>8} {'':>10} {'':>8} {'':>10} {'':>7}  {t.row()['config']}" + (f"  [{t.error}]" if t.error else ""))
             continue
         lines.append(f"{t.trial_id:<14} {t.status:<9} {t.epochs:>3} {m['accuracy']:>8.4f} {m['macs']:>10,.0f} {m['test_accuracy']:>8.4f} {m['test_macs']:>10,.0f} {m['latency_ms']:>7.2f} {mark}{t.row()['config']}")
     s = result.section()
@@ -167,6 +190,11 @@ def format_table(result: NASResult) -> str:
     if "at_first_rung" in pr:
         a, b = pr["at_first_rung"], pr["at_last_report"]
         lines.append(f"predictor Spearman on held-out trials (first rung / last report): accuracy {a['accuracy']:.2f} / {b['accuracy']:.2f}, MACs {a['macs']:.2f} / {b['macs']:.2f}, latency {a['latency_ms']:.2f} / {b['latency_ms']:.2f}")
+        if "accuracy_null95" in a:
+            lines.append(f"  accuracy at the first rung: {a['trials']} trials, chance reaches {a['accuracy_null95']:.2f} (95th pct, p = {a['accuracy_p']:.3f}), "
+                         f"accuracy IQR {100 * a['accuracy_iqr']:.1f} pt, val/test agreement {a.get('val_test_spearman', float('nan')):.2f}; raw encoding only: {pr['vector_only']['at_first_rung']['accuracy']:.2f}")
+    elif "skipped" in pr:
+        lines.append(f"predictor check skipped: {pr['skipped']}")
     lines.append(f"registered: {', '.join(result.registered) or 'none'}; files: {', '.join(result.files.values())}")
     return "\n".join(lines)
 

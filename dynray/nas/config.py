@@ -160,6 +160,10 @@ class NASResult:
             "asha_stopped_frac": self.asha_stopped_frac,
             # accuracy, ranked at equal training (every held-out trial at the first rung); None if too few trials
             "predictor_spearman": self.predictor.get("at_first_rung", {}).get("accuracy"),
+            # what permuted predictions reach with this many held-out trials (95th percentile), and how
+            # far a second measurement (test) of the same trials agrees with val: chance floor and ceiling
+            "predictor_spearman_null95": self.predictor.get("at_first_rung", {}).get("accuracy_null95"),
+            "predictor_val_test_spearman": self.predictor.get("at_first_rung", {}).get("val_test_spearman"),
             "predictor": self.predictor,
             "dominates_default": self.dominance.get("dominates_default", False),
             "dominance": self.dominance,

@@ -16,7 +16,7 @@ from dynray.errors import ConfigError
 from dynray.nas.evolution import EvolutionConfig
 from dynray.nas.objectives import ObjectiveConfig, score
 from dynray.nas.pareto import pareto_ranks
-from dynray.nas.predictor import Observation, PerformancePredictor
+from dynray.nas.predictor import Features, Observation, PerformancePredictor
 from dynray.nas.space import Candidate, SearchSpace
 
 __all__ = ["EvolutionSearcher"]
@@ -39,6 +39,7 @@ class EvolutionSearcher(Searcher):
     def __init__(
         self, space: SearchSpace, *, metric: str = "score", mode: str = "max", cfg: EvolutionConfig = EvolutionConfig(),
         objective: ObjectiveConfig = ObjectiveConfig(), max_epochs: int = 1, seeds: Sequence[dict] = (),
+        features: Features | None = None,
     ) -> None:
         super().__init__(metric=metric, mode=mode)
         self.space, self.cfg, self.objective, self.max_epochs = space, cfg, objective, max_epochs
@@ -52,6 +53,7 @@ class EvolutionSearcher(Searcher):
         self.prescreened = 0
         self.seen: set[tuple[float, ...]] = set()
         self.predictor: PerformancePredictor | None = None
+        self.features = features  # the predictor's inputs (None: the raw encoding)
 
     # -- Tune's Searcher API -----------------------------------------------------------
     def suggest(self, trial_id: str) -> dict | None:
@@ -168,7 +170,7 @@ class EvolutionSearcher(Searcher):
         if not self.cfg.predictor_min or len(self.members) < self.cfg.predictor_min or len(self.observations) < 3:
             return
         try:
-            self.predictor = PerformancePredictor(self.max_epochs, seed=self.cfg.seed).fit(self.observations)
+            self.predictor = PerformancePredictor(self.max_epochs, seed=self.cfg.seed, features=self.features).fit(self.observations)
         except Exception:  # a failed fit must not stop the search: breed without screening
             log.exception("performance predictor fit failed; breeding without pre-screening")
             self.predictor = None

@@ -51,9 +51,11 @@ def _random(cfg: NASConfig, settings: TrialSettings) -> SearchPlan:
 @register_searcher("evolution")
 def _evolution(cfg: NASConfig, settings: TrialSettings) -> SearchPlan:
     from dynray.nas.evolution_searcher import EvolutionSearcher
+    from dynray.nas.proxies import CandidateFeatures, ProxyConfig
     from dynray.nas.trainable import nas_trainable
 
-    alg = EvolutionSearcher(cfg.space, metric="score", mode="max", cfg=replace(cfg.evolution, seed=cfg.seed), objective=cfg.objective, max_epochs=cfg.epochs, seeds=_reference(cfg))
+    features = CandidateFeatures(cfg.space, ProxyConfig(dataset=cfg.dataset, data_root=cfg.data_root, seed=cfg.seed))
+    alg = EvolutionSearcher(cfg.space, metric="score", mode="max", cfg=replace(cfg.evolution, seed=cfg.seed), objective=cfg.objective, max_epochs=cfg.epochs, seeds=_reference(cfg), features=features)
     return SearchPlan(nas_trainable, alg, {}, cfg.trials, cfg.include_default)
 
 
