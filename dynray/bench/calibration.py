@@ -106,6 +106,7 @@ def bench_calibration(val: ExitRecords, test: ExitRecords, *, cfg: CalibrationBe
         "cv_folds": cfg.cv_folds,
         "val_fraction": cfg.val_fraction,
         "n_val": int(val.labels.shape[0]),
+        "n_val_used": max(2, round(cfg.val_fraction * int(val.labels.shape[0]))) if cfg.val_fraction < 1.0 else int(val.labels.shape[0]),
         "n_test": int(test.labels.shape[0]),
         "test_accuracy_last_exit": test.exit_accuracy()[-1],
         "macs_full": float(test.cum_macs[-1]),
@@ -114,7 +115,7 @@ def bench_calibration(val: ExitRecords, test: ExitRecords, *, cfg: CalibrationBe
 
 def format_calibration(s: dict) -> str:
     """The calibration section as text: one row per variant and seed."""
-    lines = [f"  target max drop {s['max_drop']}, {s['cv_folds']}-fold CV on {s['n_val']} val samples (fraction {s['val_fraction']}); "
+    lines = [f"  target max drop {s['max_drop']}, {s['cv_folds']}-fold CV on {s.get('n_val_used', s['n_val'])} of {s['n_val']} val samples per seed; "
              f"test: {s['n_test']} samples, last exit {s['test_accuracy_last_exit']:.4f} at {s['macs_full']:,.0f} MACs"]
     for name, v in s["per_variant"].items():
         lines.append(f"  {name:<11} mean accuracy {v['accuracy_mean']:.4f}, mean MACs {v['macs_mean']:,.0f}")
