@@ -410,8 +410,12 @@ def calibrate(
         plain = [i for i, f in enumerate(families) if not f.complexity_weight and not f.agreement_bonus]
         conf = families[min(plain, key=lambda i: fitted[i][0])].confidence if plain else None
         idx = [i for i, f in enumerate(families) if conf is None or f.confidence == conf]
-        table = _cross_validate(rec, target, [families[i] for i in idx], [scores[i] for i in idx], folds=folds, seed=cv_seed, levels=levels)
-        _, rule, out = fitted[idx[_cv_choice(table, target)]]
+        if len(idx) == 1:  # confidence only: nothing left for CV to choose
+            folds, table = 0, []
+            _, rule, out = fitted[idx[0]]
+        else:
+            table = _cross_validate(rec, target, [families[i] for i in idx], [scores[i] for i in idx], folds=folds, seed=cv_seed, levels=levels)
+            _, rule, out = fitted[idx[_cv_choice(table, target)]]
     else:
         table = []
         _, rule, out = min(fitted, key=lambda f: f[0])  # first of equal keys, as before

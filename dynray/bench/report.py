@@ -84,6 +84,22 @@ def format_router(s: dict) -> str:
     for k in ("thresholds", "ppo", "hybrid"):
         red = f", {-ls['miss_reduction'][k]:+.0%} misses vs thresholds" if k in ls["miss_reduction"] else ""  # fewer misses: negative
         out.append(f"    {k:<10} SLO misses {ls['slo_misses'][k]:>4}  accuracy {ls['accuracy'][k]:.4f}{red}")
+    if s.get("val_use"):
+        v = s["val_use"]
+        out.append(f"  val split: {'in' if v['val_in_ppo_training'] else 'held out from'} PPO's training data ({v['ppo_train_splits']})"
+                   + ("; it chose PPO's exported iterate" if v["val_chose_iterate"] else "") + f"; the hybrid's gate is fitted on {v['gate_fitted_on']}")
+    if s.get("seeds"):
+        out.append(f"  {len(s['seeds'])} PPO seeds, one router each (same configuration, not registered):")
+        for e in s["seeds"]:
+            sav, ls_ = e["equal_accuracy_cost_saving"], e["load_shift"]
+            it = f", iteration {e['chosen_iteration']}/{e['iterations']}" if e.get("chosen_iteration") is not None else ""
+            out.append(f"    seed {e['seed']:<3} saving hybrid {sav['hybrid']:+.1%} PPO {sav['ppo']:+.1%} | lambda gap {e['lambda_sweep_max_gap']:+.1%} | "
+                       f"SLO misses thr/PPO/hybrid {ls_['slo_misses']['thresholds']}/{ls_['slo_misses']['ppo']}/{ls_['slo_misses']['hybrid']}, "
+                       f"accuracy PPO {100 * ls_['accuracy_delta']['ppo']:+.2f} pt hybrid {100 * ls_['accuracy_delta']['hybrid']:+.2f} pt{it}")
+        sm = s.get("seeds_summary") or {}
+        for m in ("equal_accuracy_cost_saving.hybrid", "equal_accuracy_cost_saving.ppo", "lambda_sweep_max_gap"):
+            if m in sm:
+                out.append(f"    {m}: min {sm[m]['min']:+.1%}, median {sm[m]['median']:+.1%}, max {sm[m]['max']:+.1%}")
     out.append(f"  plot: {s['plot']}")
     return "\n".join(out)
 

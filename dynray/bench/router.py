@@ -17,6 +17,14 @@ Everything is replayed exactly from cached exit outputs (:mod:`dynray.routing.ro
 - **load shift**: the :mod:`dynray.bench.trace` scenario (cloud x5 for a window), counting
   latency-SLO misses; PPO and hybrid use the λ_cost whose accuracy on the val trace is
   closest to the thresholds' (chosen on val, reported on test).
+- **seeds** (``dynray bench router --seeds 0 1 2``): the same measures for one router per PPO
+  seed (:func:`bench_seeds`, one :func:`seed_entry` each, fields fixed by the issue), and their
+  spread (:func:`seeds_summary`), since one PPO run is not a measurement of the recipe.
+
+What val is used for: the thresholds are tuned and calibrated on it, the hybrid's safety gate
+and operating points are fitted on it, and (for routers trained with ``--train-splits train``,
+the default) PPO's exported iterate was chosen on it, so val is held out from PPO's training
+data but not unseen by the router. :func:`val_use` records which applies to a router.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from dynray.bench.trace import LoadShift, run_trace
 from dynray.routing.tuning import exit_prices, tune_thresholds
 from dynray.thresholds import CalibrationTarget, ThresholdRule, calibrate
 
-__all__ = ["RouterBenchConfig", "bench_router", "policy_decide", "plot_curves"]
+__all__ = ["RouterBenchConfig", "bench_router", "policy_decide", "plot_curves", "val_use", "seed_entry", "bench_seeds", "seeds_summary", "SEED_METRICS"]
 log = logging.getLogger(__name__)
 
 
@@ -222,11 +230,76 @@ def load_shift(val: ExitRecords, test: ExitRecords, costs: RouteCosts, policy: P
         "slo_misses": {k: v.slo_misses for k, v in out.items()},
         "accuracy": {k: v.accuracy for k, v in out.items()},
         "accuracy_gap_pt": {k: 100 * (out[k].accuracy - out["thresholds"].accuracy) for k in ("ppo", "hybrid")},
+        "accuracy_delta": {k: out[k].accuracy - out["thresholds"].accuracy for k in ("ppo", "hybrid")},  # fraction: 0.003 = 0.3 pt
         "miss_reduction": {k: (1 - out[k].slo_misses / thr) if thr else 0.0 for k in ("ppo", "hybrid")},
         "detail": {k: v.to_dict() for k, v in out.items()},
         "hybrid_rl_weight": {"start": cfg.hybrid.rl_weight, "min": min(weights_seen), "max": max(weights_seen), "end": weights_seen[-1]},
         "hybrid_gate": gate.to_dict(),
     }
+
+
+def val_use(router_meta: dict) -> dict:
+    """How a router's training used the val split, from its registry meta (routers from before
+    iterate selection trained on train+val and have no ``selection``)."""
+    splits = str(router_meta.get("env", {}).get("train_splits", "")).split("+")
+    sel = router_meta.get("selection") or {}
+    return {"ppo_train_splits": "+".join(s for s in splits if s) or None, "val_in_ppo_training": "val" in splits,
+            "val_chose_iterate": sel.get("split") == "val", "gate_fitted_on": "val"}
+
+
+SEED_METRICS = ("equal_accuracy_cost_saving.ppo", "equal_accuracy_cost_saving.hybrid", "lambda_sweep_max_gap",
+                "load_shift.slo_misses.thresholds", "load_shift.slo_misses.ppo", "load_shift.slo_misses.hybrid",
+                "load_shift.accuracy_delta.ppo", "load_shift.accuracy_delta.hybrid")
+"""The per-seed numbers the issue fixes (dotted paths into a :func:`seed_entry`)."""
+
+
+def seed_entry(section: dict, seed: int, router_meta: dict | None = None) -> dict:
+    """One ``router.seeds[]`` entry: a :func:`bench_router` section cut to the per-seed fields.
+
+    ``load_shift.accuracy_delta`` is the router's test accuracy minus the thresholds' in the
+    load-shift trace, as a fraction (0.003 = 0.3 pt).
+    """
+    ls = section["load_shift"]
+    out = {
+        "seed": seed,
+        "equal_accuracy_cost_saving": {k: section["equal_accuracy_cost_saving"][k] for k in ("hybrid", "ppo")},
+        "lambda_sweep_max_gap": section["lambda_sweep_max_gap"],
+        "lambda_sweep_max_gap_vs_frontier": section["lambda_sweep_max_gap_vs_frontier"],
+        "load_shift": {"slo_misses": {k: ls["slo_misses"][k] for k in ("thresholds", "ppo", "hybrid")},
+                       "accuracy_delta": {k: ls["accuracy_delta"][k] for k in ("ppo", "hybrid")},
+                       "lambda_cost": ls["lambda_cost"], "lambda_lat": ls["lambda_lat"], "hybrid_gate_open": ls["hybrid_gate"]["open"]},
+        "hybrid_gates_open": sum(bool(p.get("gate", {}).get("open")) for p in section["curves"]["hybrid"]),
+    }
+    if router_meta is not None:
+        sel = router_meta.get("selection")
+        out.update({"train_minutes": router_meta.get("train_minutes"), "iterations": router_meta.get("iterations"),
+                    "chosen_iteration": sel["chosen_iteration"] if sel else None, "val_score": sel["score"] if sel else None,
+                    "val_score_curve": [[c["iteration"], c["score"]] for c in sel["curve"]] if sel else None, "val_use": val_use(router_meta)})
+    return out
+
+
+def bench_seeds(val: ExitRecords, test: ExitRecords, production_rule: ThresholdRule, routers: list[tuple[int, PolicyNet, dict]],
+                cfg: RouterBenchConfig = RouterBenchConfig()) -> list[dict]:
+    """``router.seeds``: :func:`bench_router` for each ``(seed, policy, registry-style meta)``, cut by :func:`seed_entry`."""
+    out = []
+    for seed, policy, meta in routers:
+        section = bench_router(val, test, RouteCosts.from_dict(meta["costs"]), policy, production_rule, cfg, train_minutes=meta.get("train_minutes"))
+        out.append(seed_entry(section, seed, meta))
+        log.info("router bench, seed %d: hybrid saving %+.3f, PPO %+.3f, lambda gap %+.3f", seed, out[-1]["equal_accuracy_cost_saving"]["hybrid"],
+                 out[-1]["equal_accuracy_cost_saving"]["ppo"], out[-1]["lambda_sweep_max_gap"])
+    return out
+
+
+def _get(d: dict, path: str):
+    for k in path.split("."):
+        d = d[k]
+    return d
+
+
+def seeds_summary(entries: list[dict]) -> dict:
+    """Min, median and max over the seeds of every :data:`SEED_METRICS` number."""
+    return {m: {"min": float(min(v)), "median": float(np.median(v)), "max": float(max(v))}
+            for m in SEED_METRICS for v in [[float(_get(e, m)) for e in entries]]} if entries else {}
 
 
 def plot_curves(section: dict, path) -> None:
