@@ -71,9 +71,12 @@ class FeedbackConfig:
                               got=(self.ttl_s, self.max_records, self.window, self.prior_samples), fix="e.g. FeedbackConfig(ttl_s=900)")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class AnswerRecord:
-    """What the ingress remembers of one answered predict request (one entry per sample)."""
+    """What the ingress remembers of one answered predict request (one entry per sample).
+
+    Slotted: an ingress replica keeps up to ``max_records`` of them (about 0.5 kB each for a
+    one-image request, so ~100 MB at the default 200,000)."""
 
     request_id: str
     version: str
